@@ -1,0 +1,241 @@
+"""Any-depth training: max depth first, then every depth with the router frozen (runs under torchrun too).
+
+Phase 1 ("max-depth", `epochs`): cross-entropy at max depth only, so the router learns to
+spread its weight over all recursion steps. Sampling a random depth per step instead
+teaches the model to make depth irrelevant: the router collapses onto step 1.
+
+Phase 2 ("any-depth", `any_depth_epochs`): the sandwich rule with the router frozen:
+cross-entropy at max depth plus distillation of depth 1 and one random middle depth
+toward the max-depth prediction, at a lower learning rate. Shallow depths recover and
+the deepest keeps its accuracy, so accuracy rises with depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from srvit import data as D
+from srvit.checkpoint import load_training_state, save_checkpoint, save_training_state
+from srvit.evaluate import evaluate_depths, router_usage
+from srvit.model import SRViT
+from srvit.registry import model_config
+
+
+@dataclass
+class TrainConfig:
+    model: str = "srvit_fashion"
+    data: str = str(D.FASHION_MNIST_DIR)  # Fashion-MNIST IDX folder, or an ImageFolder root with train/ and val/
+    out: str = "runs/srvit_fashion"
+    epochs: int = 6  # phase 1: max depth only
+    any_depth_epochs: int = 2  # phase 2: sandwich rule over all depths, router frozen
+    batch_size: int = 256  # global, split across processes
+    lr: float = 2e-3
+    any_depth_lr: float = 5e-4
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    seed: int = 0
+    limit: int | None = None  # use only the first N training images (smoke tests)
+    eval_limit: int | None = None
+    workers: int = 4  # data-loading processes for ImageFolder
+    resume: bool = True  # continue from out/last.safetensors when it exists
+
+
+class Objective(nn.Module):
+    """The loss of one step, as one module so DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, model: SRViT, label_smoothing: float, any_depth: bool):
+        super().__init__()
+        self.model, self.label_smoothing, self.any_depth = model, label_smoothing, any_depth
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        max_depth = self.model.cfg.max_depth
+        logits = self.model(images, max_depth)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if self.any_depth and max_depth > 1:
+            teacher = logits.detach().softmax(-1)
+            shallow = {1, random.randint(1, max_depth - 1)}  # depth 1 and a random middle depth
+            for d in sorted(shallow):
+                student = self.model(images, d).log_softmax(-1)
+                loss = loss + F.kl_div(student, teacher, reduction="batchmean")
+        return loss, logits
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_fashion_mnist(root: Path) -> bool:
+    return any(root.glob("train-images-idx3-ubyte*"))
+
+
+def build_data(cfg: TrainConfig, in_chans: int, img_size: int) -> tuple[Dataset, Dataset, dict]:
+    """Train and held-out datasets, and the metadata (labels, preprocessing) the checkpoint records."""
+    root = Path(cfg.data)
+    if is_fashion_mnist(root):
+        train = D.fashion_mnist_dataset(root, "train", cfg.limit)
+        test = D.fashion_mnist_dataset(root, "test", cfg.eval_limit)
+        pre, labels, name = D.Preprocessing.fashion_mnist(), D.FASHION_MNIST_LABELS, "fashion-mnist"
+    else:
+        pre = D.Preprocessing.imagenet(img_size) if in_chans == 3 else D.Preprocessing(img_size, "L", (0.5,), (0.5,), img_size)
+        train = D.ImageFolder(root / "train", pre, train=True)
+        test = D.ImageFolder(root / "val", pre, train=False)
+        labels, name = train.classes, f"imagefolder:{root}"
+        if cfg.limit:
+            train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
+    return train, test, {"labels": labels, "preprocessing": pre.to_dict(), "dataset": name}
+
+
+class Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if self.world > 1:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(self.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def make_loader(ds: Dataset, cfg: TrainConfig, env: Distributed, epoch: int) -> DataLoader:
+    sampler = DistributedSampler(ds, env.world, env.rank, shuffle=True, seed=cfg.seed) if env.world > 1 else None
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    workers = 0 if isinstance(ds, torch.utils.data.TensorDataset) else cfg.workers
+    return DataLoader(
+        ds, batch_size=cfg.batch_size // env.world, sampler=sampler, shuffle=sampler is None,
+        generator=g, num_workers=workers, drop_last=True, pin_memory=env.device.type == "cuda",
+    )  # fmt: skip
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%} {task.fields[ips]:.0f} img/s"),
+        TimeRemainingColumn(), disable=not enabled,
+    )  # fmt: skip
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train, evaluate every depth after each epoch, and write out/model.safetensors."""
+    env = Distributed()
+    seed_everything(cfg.seed + env.rank)
+    mcfg = model_config(cfg.model)
+    train_ds, test_ds, meta = build_data(cfg, mcfg.in_chans, mcfg.img_size)
+    if len(meta["labels"]) != mcfg.num_classes:
+        mcfg = model_config(cfg.model, num_classes=len(meta["labels"]))
+    model = SRViT(mcfg).to(env.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    out = Path(cfg.out)
+    state = {"epoch": 0, "history": [], "train_seconds": 0.0}
+    if cfg.resume and (out / "last.safetensors").exists():
+        state = load_training_state(out / "last.safetensors", model, optimizer)
+        if env.main:
+            print(f"resumed from {out / 'last.safetensors'} at epoch {state['epoch']}")
+    small_images = isinstance(train_ds, torch.utils.data.TensorDataset)
+    total_epochs = cfg.epochs + cfg.any_depth_epochs
+    for epoch in range(state["epoch"], total_epochs):
+        t0 = time.time()
+        stats = run_epoch(model, optimizer, train_ds, cfg, env, epoch, small_images)
+        state["train_seconds"] += time.time() - t0
+        record = {"epoch": epoch + 1, "phase": phase(cfg, epoch), **stats, "seconds": round(time.time() - t0, 1)}
+        if env.main:
+            record["test_top1"] = evaluate_depths(model, test_ds, env.device)
+            record["router_usage"] = router_usage(model, test_ds, env.device)
+            print(json.dumps(record))
+            state["history"].append(record)
+            state["epoch"] = epoch + 1
+            save_training_state(out / "last.safetensors", model, optimizer, {**state, "train_config": asdict(cfg)})
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+    if env.main:
+        final = {"labels": meta["labels"], "preprocessing": meta["preprocessing"], "model": cfg.model}
+        final["training"] = {**asdict(cfg), "dataset": meta["dataset"], "train_seconds": round(state["train_seconds"])}
+        final["training"]["history"] = state["history"]
+        save_checkpoint(out / "model.safetensors", model, final)
+    env.close()
+    return out / "model.safetensors"
+
+
+def phase(cfg: TrainConfig, epoch: int) -> str:
+    return "max-depth" if epoch < cfg.epochs else "any-depth"
+
+
+def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: int, small_images: bool) -> dict:
+    any_depth = epoch >= cfg.epochs
+    for p in model.router_parameters():
+        p.requires_grad_(not any_depth)
+    objective = Objective(model, cfg.label_smoothing, any_depth)
+    if env.world > 1:
+        objective = DistributedDataParallel(objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    model.train()
+    loader = make_loader(ds, cfg, env, epoch)
+    steps_per_epoch = len(loader)
+    first = 0 if not any_depth else cfg.epochs
+    epochs = cfg.epochs if not any_depth else cfg.any_depth_epochs
+    peak = cfg.any_depth_lr if any_depth else cfg.lr
+    warmup = int(cfg.warmup_epochs * steps_per_epoch) if not any_depth else 0
+    totals = torch.zeros(3, device=env.device)  # loss sum, correct, seen
+    t0 = time.time()
+    with progress_bar(env.main) as bar:
+        task = bar.add_task(f"epoch {epoch + 1} {phase(cfg, epoch)}", total=steps_per_epoch, loss=0.0, acc=0.0, ips=0.0)
+        for i, (images, labels) in enumerate(loader):
+            step = (epoch - first) * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, epochs * steps_per_epoch, warmup, peak)
+            images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
+            if small_images:
+                images = D.shift_flip(images, pad=2)
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
+                loss, logits = objective(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            totals += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum(), torch.tensor(len(labels), device=env.device)])
+            seen = totals[2].item()
+            bar.update(task, advance=1, loss=totals[0].item() / seen, acc=totals[1].item() / seen, ips=seen * env.world / (time.time() - t0))
+    totals = env.all_sum(totals)
+    return {"train_loss": round(totals[0].item() / totals[2].item(), 4), "train_top1": round(totals[1].item() / totals[2].item(), 4)}
