@@ -22,7 +22,7 @@ class SRViTConfig:
     mlp_ratio: float = 4.0
     max_depth: int = 4  # recursion steps per block; forward() accepts any depth in 1..max_depth
     router_hidden: int = 384  # hidden width of each block's router MLP
-    stem: str = "patch"  # "patch": one strided conv; "conv": two stride-2 3x3 convs (patch_size 4)
+    stem: str = "patch"  # "patch": one strided conv; "conv": three 3x3 convs, two of stride 2 (patch_size 4)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -62,7 +62,9 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(cfg.in_chans, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         else:  # early convolutions make small ViTs train much faster on small images
             self.proj = nn.Sequential(
-                nn.Conv2d(cfg.in_chans, d // 2, kernel_size=3, stride=2, padding=1),
+                nn.Conv2d(cfg.in_chans, d // 4, kernel_size=3, stride=1, padding=1),
+                nn.GELU(),
+                nn.Conv2d(d // 4, d // 2, kernel_size=3, stride=2, padding=1),
                 nn.GELU(),
                 nn.Conv2d(d // 2, d, kernel_size=3, stride=2, padding=1),
             )
@@ -127,7 +129,10 @@ class SoftMoRBlock(nn.Module):
         self.max_depth = cfg.max_depth
         self.block = Block(d, cfg.num_heads, cfg.mlp_ratio)
         self.step_embed = nn.Parameter(torch.zeros(cfg.max_depth, d))
-        self.router = nn.Sequential(nn.Linear(d, cfg.router_hidden), nn.GELU(), nn.Linear(cfg.router_hidden, 1))
+        self.router = nn.Sequential(
+            nn.LayerNorm(d, eps=1e-6), nn.Linear(d, cfg.router_hidden), nn.GELU(), nn.Linear(cfg.router_hidden, 1)
+        )  # fmt: skip
+        self.load: torch.Tensor | None = None  # mean weight per step of the last training forward
 
     def steps(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
         """The output of every recursion step, each [B, N, D]."""
@@ -147,7 +152,9 @@ class SoftMoRBlock(nn.Module):
         outs = self.steps(x, depth)
         if depth == 1:  # a softmax over one step is exactly 1: skip the router's work
             return outs[0]
-        return self.mix(outs)[0]
+        out, weights = self.mix(outs)
+        self.load = weights.mean(dim=(0, 1)) if self.training else None  # [depth]
+        return out
 
 
 class SRViT(nn.Module):
@@ -201,6 +208,19 @@ class SRViT(nn.Module):
             x, w = blk.mix(blk.steps(x, depth))
             weights.append(w)
         return weights
+
+    def router_balance_loss(self) -> torch.Tensor:
+        """KL(mean step weights || uniform), averaged over blocks, for the last training forward.
+
+        Without it the router collapses onto step 1 early in training (deeper steps start
+        out noisier), which makes depth irrelevant; this keeps every step in use on
+        average while each token still chooses its own mix.
+        """
+        loads = [blk.load for blk in self.blocks if blk.load is not None]
+        if not loads:
+            return torch.zeros((), device=self.pos_embed.device)
+        load = torch.stack(loads)  # [blocks, depth]
+        return (load * (load * load.shape[-1]).clamp_min(1e-9).log()).sum(-1).mean()
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [p for blk in self.blocks for p in blk.router.parameters()]

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,39 +34,23 @@ from srvit.checkpoint import load_training_state, save_checkpoint, save_training
 from srvit.evaluate import evaluate_depths, router_usage
 from srvit.model import SRViT
 from srvit.registry import model_config
-
-
-@dataclass
-class TrainConfig:
-    model: str = "srvit_fashion"
-    data: str = str(D.FASHION_MNIST_DIR)  # Fashion-MNIST IDX folder, or an ImageFolder root with train/ and val/
-    out: str = "runs/srvit_fashion"
-    epochs: int = 6  # phase 1: max depth only
-    any_depth_epochs: int = 2  # phase 2: sandwich rule over all depths, router frozen
-    batch_size: int = 256  # global, split across processes
-    lr: float = 2e-3
-    any_depth_lr: float = 5e-4
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    seed: int = 0
-    limit: int | None = None  # use only the first N training images (smoke tests)
-    eval_limit: int | None = None
-    workers: int = 4  # data-loading processes for ImageFolder
-    resume: bool = True  # continue from out/last.safetensors when it exists
+from srvit.train_config import TrainConfig
 
 
 class Objective(nn.Module):
     """The loss of one step, as one module so DistributedDataParallel sees one forward per backward."""
 
-    def __init__(self, model: SRViT, label_smoothing: float, any_depth: bool):
+    def __init__(self, model: SRViT, label_smoothing: float, any_depth: bool, router_balance: float):
         super().__init__()
         self.model, self.label_smoothing, self.any_depth = model, label_smoothing, any_depth
+        self.router_balance = router_balance
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         max_depth = self.model.cfg.max_depth
         logits = self.model(images, max_depth)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if not self.any_depth and self.router_balance:
+            loss = loss + self.router_balance * self.model.router_balance_loss()
         if self.any_depth and max_depth > 1:
             teacher = logits.detach().softmax(-1)
             shallow = {1, random.randint(1, max_depth - 1)}  # depth 1 and a random middle depth
@@ -207,7 +191,7 @@ def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: i
     any_depth = epoch >= cfg.epochs
     for p in model.router_parameters():
         p.requires_grad_(not any_depth)
-    objective = Objective(model, cfg.label_smoothing, any_depth)
+    objective = Objective(model, cfg.label_smoothing, any_depth, cfg.router_balance)
     if env.world > 1:
         objective = DistributedDataParallel(objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     model.train()

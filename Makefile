@@ -1,0 +1,57 @@
+# Two commands on a fresh machine: `make serve` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: serve test lint format train export bench clean debian-packages
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Serving needs no torch: the base install only.
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[test]'
+	touch $@
+
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+serve: $(VENV)/.serve
+	$(BIN)/srvit serve --repo model_repo --host 127.0.0.1 --port 8000
+
+test: $(VENV)/.test debian-packages lint
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# The embedded default model: train (about 75 minutes on 2 cores), then export every depth.
+train: $(VENV)/.test debian-packages
+	$(BIN)/srvit train --model srvit_fashion --out runs/srvit_fashion
+
+export: $(VENV)/.test debian-packages
+	$(BIN)/srvit export srvit/checkpoints/srvit_fashion.safetensors --name srvit_fashion --repo model_repo
+
+bench: $(VENV)/.test debian-packages
+	$(BIN)/srvit bench matrix --repo model_repo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

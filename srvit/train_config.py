@@ -1,0 +1,26 @@
+"""Training options: a torch-free dataclass, so the CLI can list them without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    model: str = "srvit_fashion"
+    data: str = "/usr/share/datasets/fashion-mnist"  # Fashion-MNIST IDX folder, or an ImageFolder root with train/ and val/
+    out: str = "runs/srvit_fashion"
+    epochs: int = 7  # phase 1: max depth only
+    any_depth_epochs: int = 2  # phase 2: sandwich rule over all depths, router frozen
+    batch_size: int = 256  # global, split across processes
+    lr: float = 2e-3
+    any_depth_lr: float = 5e-4
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    router_balance: float = 0.1  # weight of the router load-balancing term (phase 1), see SRViT.router_balance_loss
+    seed: int = 0
+    limit: int | None = None  # use only the first N training images (smoke tests)
+    eval_limit: int | None = None
+    workers: int = 4  # data-loading processes for ImageFolder
+    resume: bool = True  # continue from out/last.safetensors when it exists

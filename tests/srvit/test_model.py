@@ -1,0 +1,102 @@
+"""The model surface, for every registered variant and depth."""
+
+import pytest
+import torch
+
+from srvit.evaluate import count_parameters
+from srvit.model import SRViT, SRViTConfig
+from srvit.registry import create_model, list_models, model_config
+
+TINY = SRViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, num_blocks=2, num_heads=2,
+                   mlp_ratio=2.0, max_depth=4, router_hidden=8)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny() -> SRViT:
+    torch.manual_seed(0)
+    return SRViT(TINY).eval()
+
+
+def images(cfg: SRViTConfig, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, cfg.in_chans, cfg.img_size, cfg.img_size)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_variant_every_depth_gives_finite_logits(name):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = images(model.cfg, 1)
+    with torch.no_grad():
+        outs = [model(x, d) for d in range(1, model.cfg.max_depth + 1)]
+    for out in outs:
+        assert out.shape == (1, model.cfg.num_classes)
+        assert torch.isfinite(out).all()
+    assert not torch.allclose(outs[0], outs[-1]), "depth must change the output"
+
+
+def test_default_depth_is_max_depth(tiny):
+    x = images(TINY)
+    assert torch.equal(tiny(x), tiny(x, TINY.max_depth))
+
+
+@pytest.mark.parametrize("depth", [0, 5, -1])
+def test_out_of_range_depth_is_refused(tiny, depth):
+    with pytest.raises(ValueError, match="depth must be in 1..4"):
+        tiny(images(TINY), depth)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_router_weights_are_a_distribution_over_the_steps_used(tiny, depth):
+    weights = tiny.router_weights(images(TINY), depth)
+    assert len(weights) == TINY.num_blocks
+    for w in weights:
+        assert w.shape == (2, TINY.num_patches + 1, depth)
+        assert (w >= 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+
+
+def test_at_depth_1_the_block_output_is_its_single_step(tiny):
+    x = tiny.embed(images(TINY))
+    for blk in tiny.blocks:
+        step = blk.steps(x, 1)[0]
+        assert torch.equal(blk(x, 1), step)
+        mixed, w = blk.mix([step])  # the general path agrees: a weight of exactly 1
+        assert torch.equal(w, torch.ones_like(w))
+        torch.testing.assert_close(mixed, step)
+        x = step
+
+
+def test_every_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = SRViT(TINY).train()
+    model(images(TINY, 4)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_eval_mode_is_deterministic(tiny):
+    x = images(TINY, 3)
+    with torch.no_grad():
+        assert torch.equal(tiny(x, 3), tiny(x, 3))
+
+
+def test_forward_features_and_head_compose(tiny):
+    x = images(TINY)
+    feats = tiny.forward_features(x, 2)
+    assert feats.shape == (2, TINY.num_patches + 1, TINY.embed_dim)
+    assert tiny.forward_head(feats, pre_logits=True).shape == (2, TINY.embed_dim)
+    assert torch.equal(tiny.forward_head(feats), tiny(x, 2))
+
+
+def test_small_matches_the_papers_parameter_budget():
+    model = create_model("srvit_small_patch16_224")
+    routing = sum(p.numel() for n, p in model.named_parameters() if ".router." in n or n.endswith("step_embed"))
+    assert count_parameters(model) - routing == 22_050_664  # DeiT-S exactly
+    assert 23.4e6 <= count_parameters(model) <= 24.0e6  # paper: about +1.7M at depth 4
+
+
+def test_unknown_variant_and_bad_config_say_what_is_wrong():
+    with pytest.raises(KeyError, match="srvit_fashion"):
+        model_config("srvit_huge")
+    with pytest.raises(ValueError, match="not a multiple"):
+        SRViTConfig(img_size=30, patch_size=4)

@@ -1,0 +1,59 @@
+"""Training: the loss falls, training resumes where it stopped, and the same code runs under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srvit.checkpoint import load_checkpoint
+from srvit.data import FASHION_MNIST_DIR
+from srvit.train import train
+from srvit.train_config import TrainConfig
+
+pytestmark = pytest.mark.skipif(
+    not FASHION_MNIST_DIR.exists(), reason="needs the Debian package dataset-fashion-mnist (make test installs it)"
+)
+
+
+def small(out: Path, **kw) -> TrainConfig:
+    base = dict(out=str(out), epochs=2, any_depth_epochs=1, limit=512, eval_limit=200, batch_size=64, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    path = train(small(tmp_path))
+    h = history(tmp_path)
+    assert [r["phase"] for r in h] == ["max-depth", "max-depth", "any-depth"]
+    assert h[1]["train_loss"] < h[0]["train_loss"]
+    model, meta = load_checkpoint(path)
+    assert meta["labels"][0] == "T-shirt/top" and meta["preprocessing"]["channels"] == "L"
+    assert len(meta["training"]["history"]) == 3
+    assert set(h[-1]["test_top1"]) == {"1", "2", "3", "4"}
+
+
+def test_training_resumes_from_the_last_epoch(tmp_path):
+    train(small(tmp_path, epochs=1, any_depth_epochs=0))
+    first = history(tmp_path)
+    train(small(tmp_path, epochs=2, any_depth_epochs=0))
+    h = history(tmp_path)
+    assert [r["epoch"] for r in h] == [1, 2], "epoch 1 must not run twice"
+    assert h[0] == first[0]
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "srvit.cli", "train", "--out", str(tmp_path), "--epochs", "1", "--any-depth-epochs", "1",
+           "--limit", "256", "--eval-limit", "100", "--batch-size", "64"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    h = history(tmp_path)
+    assert len(h) == 2, "only rank 0 writes the log"
+    assert (tmp_path / "model.safetensors").exists()
