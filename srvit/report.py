@@ -33,7 +33,12 @@ def eval_report(checkpoint: Path, data: Path | None = None, limit: int | None = 
     ds, split = held_out(meta, data, limit)
     top1 = evaluate_depths(model, ds)
     depths = [
-        {"depth": d, "top1": top1[d], "gflops": round(gflops(model, d), 4), "images_per_s": round(images_per_second(model, d))}
+        {
+            "depth": d,
+            "top1": top1[d],
+            "gflops": round(gflops(model, d), 4),
+            "images_per_s": round(images_per_second(model, d)),
+        }
         for d in range(1, model.cfg.max_depth + 1)
     ]
     return {
@@ -49,7 +54,8 @@ def eval_report(checkpoint: Path, data: Path | None = None, limit: int | None = 
 
 def print_eval_table(report: dict, console: Console | None = None) -> None:
     console = console or Console()
-    title = f"{report['model']}: {report['parameters'] / 1e6:.3f}M parameters, {report['images']} images of {report['split']}"
+    size = f"{report['parameters'] / 1e6:.3f}M parameters"
+    title = f"{report['model']}: {size}, {report['images']} images of {report['split']}"
     table = Table(title=title)
     for col in ("depth", "top-1 %", "GFLOPs", "images/s"):
         table.add_column(col, justify="right")
@@ -57,4 +63,6 @@ def print_eval_table(report: dict, console: Console | None = None) -> None:
         table.add_row(str(row["depth"]), f"{100 * row['top1']:.2f}", f"{row['gflops']:.4f}", f"{row['images_per_s']:,}")
     console.print(table)
     usage = report["router_usage_at_max_depth"]
-    console.print(f"router weight per step at max depth: all tokens {usage['all_tokens']}, class token {usage['class_token']}")
+    console.print(
+        f"router weight per step at max depth: all tokens {usage['all_tokens']}, class token {usage['class_token']}"
+    )

@@ -85,7 +85,11 @@ def build_data(cfg: TrainConfig, in_chans: int, img_size: int) -> tuple[Dataset,
         test = D.fashion_mnist_dataset(root, "test", cfg.eval_limit)
         pre, labels, name = D.Preprocessing.fashion_mnist(), D.FASHION_MNIST_LABELS, "fashion-mnist"
     else:
-        pre = D.Preprocessing.imagenet(img_size) if in_chans == 3 else D.Preprocessing(img_size, "L", (0.5,), (0.5,), img_size)
+        pre = (
+            D.Preprocessing.imagenet(img_size)
+            if in_chans == 3
+            else D.Preprocessing(img_size, "L", (0.5,), (0.5,), img_size)
+        )
         train = D.ImageFolder(root / "train", pre, train=True)
         test = D.ImageFolder(root / "val", pre, train=False)
         labels, name = train.classes, f"imagefolder:{root}"
@@ -193,7 +197,9 @@ def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: i
         p.requires_grad_(not any_depth)
     objective = Objective(model, cfg.label_smoothing, any_depth, cfg.router_balance)
     if env.world > 1:
-        objective = DistributedDataParallel(objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        objective = DistributedDataParallel(
+            objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None
+        )
     model.train()
     loader = make_loader(ds, cfg, env, epoch)
     steps_per_epoch = len(loader)
@@ -218,8 +224,23 @@ def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: i
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            totals += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum(), torch.tensor(len(labels), device=env.device)])
+            totals += torch.stack(
+                [
+                    loss.detach() * len(labels),
+                    (logits.argmax(-1) == labels).sum(),
+                    torch.tensor(len(labels), device=env.device),
+                ]
+            )
             seen = totals[2].item()
-            bar.update(task, advance=1, loss=totals[0].item() / seen, acc=totals[1].item() / seen, ips=seen * env.world / (time.time() - t0))
+            bar.update(
+                task,
+                advance=1,
+                loss=totals[0].item() / seen,
+                acc=totals[1].item() / seen,
+                ips=seen * env.world / (time.time() - t0),
+            )
     totals = env.all_sum(totals)
-    return {"train_loss": round(totals[0].item() / totals[2].item(), 4), "train_top1": round(totals[1].item() / totals[2].item(), 4)}
+    return {
+        "train_loss": round(totals[0].item() / totals[2].item(), 4),
+        "train_top1": round(totals[1].item() / totals[2].item(), 4),
+    }

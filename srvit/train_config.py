@@ -8,7 +8,9 @@ from dataclasses import dataclass
 @dataclass
 class TrainConfig:
     model: str = "srvit_fashion"
-    data: str = "/usr/share/datasets/fashion-mnist"  # Fashion-MNIST IDX folder, or an ImageFolder root with train/ and val/
+    data: str = (
+        "/usr/share/datasets/fashion-mnist"  # Fashion-MNIST IDX folder, or an ImageFolder root with train/ and val/
+    )
     out: str = "runs/srvit_fashion"
     epochs: int = 7  # phase 1: max depth only
     any_depth_epochs: int = 2  # phase 2: sandwich rule over all depths, router frozen

@@ -1,0 +1,1 @@
+"""Turn SR-ViT checkpoints into checked ONNX graphs, TensorRT engines and a Triton model repository."""

@@ -1,0 +1,259 @@
+"""`srvit export`: checkpoint -> per-depth ONNX graphs (and TensorRT engines), checked, then published atomically."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from safetensors import SafetensorError
+
+from export import parity as checks
+from export.errors import ExportError
+from export.manifest import build_manifest, file_entries, software_versions, write_manifest
+from export.onnx_graph import check_graph, trace
+from export.publish import publish, staging
+from export.report import Steps, summary_table
+from export.samples import Samples, find_samples
+from export.triton import config_pbtxt
+from srvit.checkpoint import load_checkpoint, sha256_file
+from srvit.data import FASHION_MNIST_DIR
+from srvit.model import SRViT
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder, a Triton model and a metric label
+PRECISIONS = ("fp32", "fp16")
+STEPS_PER_DEPTH, TRT_STEPS_PER_DEPTH = 4, 3
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that stays fixed while the depths are exported."""
+
+    name: str
+    version: int
+    max_batch: int
+    precision: str
+    atol: float
+    repo: Path
+    model: SRViT
+    meta: dict
+    checkpoint: dict  # {"file", "sha256"} for the manifest
+    samples: Samples
+    tensorrt: dict | None  # {"version", "gpu", "compute_capability"} when engines are built
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        c = self.model.cfg
+        return c.in_chans, c.img_size, c.img_size
+
+
+def export_checkpoint(
+    checkpoint: Path, name: str, repo: Path, version: int = 1, depths: list[int] | None = None,
+    max_batch: int = 64, trt: bool = False, precision: str = "fp32", data: Path | None = FASHION_MNIST_DIR,
+    parity_images: int = 256, atol: float = 1e-4, console: Console | None = None,
+) -> list[dict]:  # fmt: skip
+    """Export every requested depth into `repo`, or raise ExportError and publish nothing.
+
+    Returns one row per published model folder: model, depth, platform, file, size_bytes,
+    max_abs_diff, top1_agreement, accuracy (top-1 or None), seconds.
+    """
+    check_options(name, version, max_batch, precision, trt, parity_images, atol)
+    tensorrt = _tensorrt().check_available() if trt else None  # before any work: fail in milliseconds
+    checkpoint, repo = Path(checkpoint), Path(repo)
+    model, meta = load_model(checkpoint)
+    depths = check_depths(depths, model.cfg.max_depth)
+    samples = find_samples(meta, model.cfg, data, parity_images)
+    ckpt = {"file": checkpoint.name, "sha256": sha256_file(checkpoint)}
+    job = Job(name, version, max_batch, precision, atol, repo, model, meta, ckpt, samples, tensorrt)
+    total = 1 + len(depths) * (STEPS_PER_DEPTH + TRT_STEPS_PER_DEPTH * trt)
+    with Steps(console, total) as steps, staging(repo, name) as stage:
+        if samples.heldout is None:
+            steps.note(f"[yellow]warning:[/] parity runs on {samples.source}; accuracy will not be measured")
+        rows = [row for depth in depths for row in export_depth(job, depth, stage, steps)]
+        with steps.step(f"publish {len(rows)} model folder(s) into {repo}"):
+            publish(stage, repo)
+    return rows
+
+
+def check_options(name, version, max_batch, precision, trt, parity_images, atol) -> None:
+    """Reject a bad request before loading anything."""
+    problems = [
+        (not NAME_PATTERN.fullmatch(name), f"--name {name!r} must be letters, digits, '_' or '-' (it names folders)"),
+        (version < 1, f"--version must be >= 1 (Triton version folders are 1, 2, ...), got {version}"),
+        (max_batch < 1, f"--max-batch must be >= 1, got {max_batch}"),
+        (precision not in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {precision!r}"),
+        (precision != "fp32" and not trt, "--precision fp16 applies to TensorRT engines: add --trt or drop it"),
+        (parity_images < 1, f"parity needs at least one image, got {parity_images}"),
+        (not atol >= 0, f"--atol must be >= 0, got {atol}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ExportError(message)
+
+
+def _tensorrt():
+    """export.tensorrt only when asked for: TensorRT is an optional, GPU-only dependency."""
+    from export import tensorrt
+
+    return tensorrt
+
+
+def load_model(checkpoint: Path) -> tuple[SRViT, dict]:
+    """The model and its metadata; pickles are refused by srvit.checkpoint before anything reads them."""
+    if not checkpoint.is_file():
+        raise ExportError(f"{checkpoint}: no such checkpoint; pass the model.safetensors that `srvit train` wrote")
+    try:
+        model, meta = load_checkpoint(checkpoint)
+    except (ValueError, KeyError, SafetensorError) as e:  # CheckpointError is a ValueError
+        raise ExportError(f"cannot export {checkpoint}: {e}") from e
+    check_metadata(meta, model.cfg.num_classes, checkpoint)
+    return model, meta
+
+
+def check_metadata(meta: dict, num_classes: int, checkpoint: Path) -> None:
+    """The manifest copies labels and preprocessing: without them the server cannot decode or answer."""
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or len(labels) != num_classes:
+        raise ExportError(f"{checkpoint}: metadata needs 'labels' with {num_classes} entries, one per class")
+    if any(not isinstance(label, str) or "\n" in label for label in labels):
+        raise ExportError(f"{checkpoint}: labels must be single-line strings (labels.txt has one per line)")
+    if not isinstance(meta.get("preprocessing"), dict):
+        raise ExportError(f"{checkpoint}: metadata has no 'preprocessing'; re-save it with srvit.checkpoint")
+
+
+def check_depths(depths: list[int] | None, max_depth: int) -> list[int]:
+    depths = sorted(set(depths or range(1, max_depth + 1)))
+    bad = [d for d in depths if not 1 <= d <= max_depth]
+    if bad:
+        raise ExportError(f"--depths {bad} out of range: this checkpoint's max_depth is {max_depth}")
+    return depths
+
+
+def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
+    """One depth's ONNX model folder, checked step by step, and its TensorRT folder if asked for."""
+    t0, triton_name = time.perf_counter(), f"{job.name}_d{depth}"
+    folder = stage / triton_name
+    model_path = folder / str(job.version) / "model.onnx"
+    model_path.parent.mkdir(parents=True)
+    with steps.step(f"d{depth}: trace ONNX (opset 18, dynamic batch)"):
+        trace(job.model, depth, model_path)
+    with steps.step(f"d{depth}: check graph (checker, no Loop/If, signature, no external data)"):
+        check_graph(model_path, depth, job.chw, job.model.cfg.num_classes)
+    run = checks.ort_runner(model_path)
+    with steps.step(f"d{depth}: parity ONNX Runtime vs PyTorch on {len(job.samples.parity)} images"):
+        ort_logits = checks.logits(run, job.samples.parity, job.max_batch)
+        torch_logits = checks.logits(checks.torch_runner(job.model, depth), job.samples.parity, job.max_batch)
+        result = checks.compare(ort_logits, torch_logits)
+        checks.require(result, f"depth {depth}, ONNX Runtime vs PyTorch", job.atol, 1.0)
+    with steps.step(f"d{depth}: top-1 accuracy with ONNX Runtime {_on(job.samples)}"):
+        accuracy = heldout_accuracy(run, job)
+    write_folder(job, folder, depth, "onnxruntime_onnx", _parity(job, "pytorch", result), accuracy)
+    rows = [_row(job, folder, depth, "onnxruntime_onnx", result, accuracy, t0)]
+    if job.tensorrt is not None:
+        rows.append(export_engine(job, depth, model_path, ort_logits, stage, steps))
+    return rows
+
+
+def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path, steps: Steps) -> dict:
+    """A TensorRT engine from the checked ONNX graph, held to ONNX Runtime's logits on the same images."""
+    trt, t0 = _tensorrt(), time.perf_counter()
+    folder = stage / f"{job.name}_d{depth}_trt"
+    plan_path = folder / str(job.version) / "model.plan"
+    plan_path.parent.mkdir(parents=True)
+    with steps.step(f"d{depth}: build TensorRT engine ({job.precision}, batch 1..{job.max_batch})"):
+        engine = trt.build_engine(onnx_path, plan_path, job.chw, job.max_batch, job.precision)
+    with trt.runner(engine) as run:
+        with steps.step(f"d{depth}: parity TensorRT vs ONNX Runtime"):
+            result = checks.compare(checks.logits(run, job.samples.parity, job.max_batch), ort_logits)
+            what = f"depth {depth}, TensorRT {job.precision} vs ONNX Runtime"
+            checks.require(result, what, *trt.PARITY[job.precision])
+        with steps.step(f"d{depth}: top-1 accuracy with TensorRT {_on(job.samples)}"):
+            accuracy = heldout_accuracy(run, job)
+    engine_info = {**job.tensorrt, "precision": job.precision, "profile": trt.profile(job.max_batch)}
+    write_folder(job, folder, depth, "tensorrt_plan", _parity(job, "onnxruntime", result), accuracy, engine_info)
+    return _row(job, folder, depth, "tensorrt_plan", result, accuracy, t0)
+
+
+def heldout_accuracy(run: checks.Runner, job: Job) -> dict | None:
+    if job.samples.heldout is None:
+        return None
+    return checks.top1(run, job.samples.heldout, job.max_batch, job.samples.split)
+
+
+def _on(samples: Samples) -> str:
+    return f"on {samples.split}" if samples.heldout is not None else "skipped: no held-out data"
+
+
+def write_folder(job: Job, folder: Path, depth: int, platform: str, parity: dict, accuracy: dict | None,
+                 tensorrt: dict | None = None) -> None:  # fmt: skip
+    """labels.txt, config.pbtxt and last the manifest, whose checksums cover the other files."""
+    cfg, model_file = job.model.cfg, next((folder / str(job.version)).iterdir())
+    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in job.meta["labels"]))
+    (folder / "config.pbtxt").write_text(config_pbtxt(folder.name, platform, job.max_batch, job.chw, cfg.num_classes))
+    files = file_entries(folder, ["config.pbtxt", "labels.txt", str(model_file.relative_to(folder))])
+    manifest = build_manifest(
+        name=job.name, triton_name=folder.name, version=job.version, depth=depth, platform=platform,
+        max_batch=job.max_batch, meta=job.meta, cfg=cfg, checkpoint=job.checkpoint,
+        versions=software_versions(tensorrt and tensorrt["version"]), parity=parity, accuracy=accuracy,
+        files=files, tensorrt=tensorrt,
+    )  # fmt: skip
+    write_manifest(folder, manifest)
+
+
+def _parity(job: Job, reference: str, result: dict) -> dict:
+    return {"reference": reference, "images": len(job.samples.parity), "source": job.samples.source, **result}
+
+
+def _row(job: Job, folder: Path, depth: int, platform: str, result: dict, accuracy: dict | None, t0: float) -> dict:
+    model_file = next((folder / str(job.version)).iterdir())
+    return {
+        "model": folder.name,
+        "depth": depth,
+        "platform": platform,
+        "file": str(job.repo / folder.name / model_file.relative_to(folder)),
+        "size_bytes": model_file.stat().st_size,
+        **result,
+        "accuracy": None if accuracy is None else accuracy["top1"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `srvit export` options; the CLI wires them with `export.pipeline.main` as the handler."""
+    parser.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint written by `srvit train`")
+    parser.add_argument("--name", required=True, help="logical model name, e.g. srvit_fashion (folders are NAME_dD)")
+    parser.add_argument("--version", type=int, default=1, help="Triton version folder (default 1)")
+    parser.add_argument("--depths", type=_int_list, default=None, help="comma-separated depths (default: all)")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest batch the graphs accept (default 64)")
+    parser.add_argument("--trt", action="store_true", help="also build TensorRT engines (needs an NVIDIA GPU)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="TensorRT precision (default fp32)")
+    parser.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository (default model_repo)")
+    parser.add_argument("--data", type=Path, default=FASHION_MNIST_DIR, help="held-out data for parity and accuracy")
+    parser.add_argument("--parity-images", type=int, default=256, help="images compared per depth (default 256)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogit| ONNX Runtime may differ by")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the export with a progress display and a summary table; 0 on success, 2 on an ExportError."""
+    console = Console()
+    try:
+        rows = export_checkpoint(
+            args.checkpoint, args.name, args.repo, version=args.version, depths=args.depths,
+            max_batch=args.max_batch, trt=args.trt, precision=args.precision, data=args.data,
+            parity_images=args.parity_images, atol=args.atol, console=console,
+        )  # fmt: skip
+    except ExportError as e:
+        console.print(f"[bold red]export failed:[/] {e}")
+        return 2
+    console.print(summary_table(rows))
+    return 0

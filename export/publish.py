@@ -1,0 +1,52 @@
+"""Atomic publish: every model folder is built in a hidden staging folder inside the repo, then renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def staging(repo: Path, name: str) -> Iterator[Path]:
+    """A scratch folder on the repo's own filesystem, so publishing is a rename; gone afterwards whatever happens.
+
+    Its name starts with a dot: the server skips hidden folders, so a half-built model is never loaded.
+    """
+    created = not repo.exists()
+    repo.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=repo))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # only removed if nothing was published into it
+                repo.rmdir()
+
+
+def publish(stage: Path, repo: Path) -> list[Path]:
+    """Move each finished model folder into the repo; call only once every check has passed."""
+    folders = sorted(p for p in stage.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [replace_folder(folder, repo / folder.name) for folder in folders]
+
+
+def replace_folder(new: Path, target: Path) -> Path:
+    """Old folder aside, new one in, old one deleted: a reader never sees a half-written folder,
+    only (for an instant) none, and a failed rename puts the old one back."""
+    if not target.exists():
+        os.rename(new, target)
+        return target
+    aside = target.with_name(f".old-{target.name}-{secrets.token_hex(4)}")
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside)
+    return target
