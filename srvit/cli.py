@@ -96,8 +96,10 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             continue
         try:
             add(sub)
-        except ImportError as e:
-            sub.add_parser(name, help=help_).set_defaults(missing=str(e))
+        except ImportError as e:  # keep the rest of the line so the hint, not argparse, answers
+            stub = sub.add_parser(name, help=help_)
+            stub.add_argument("rest", nargs=argparse.REMAINDER)
+            stub.set_defaults(missing=str(e))
     return parser
 
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     if getattr(args, "missing", None):
-        print(f"srvit {args.command}: {args.missing}; install with pip install -e '.[export]'", file=sys.stderr)
+        print(f"srvit {args.command}: {args.missing}; install the extras: pip install -e '.[export]'", file=sys.stderr)
         return 2
     return args.func(args)
 

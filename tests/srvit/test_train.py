@@ -57,3 +57,19 @@ def test_two_process_ddp_on_cpu(tmp_path):
     h = history(tmp_path)
     assert len(h) == 2, "only rank 0 writes the log"
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_an_imagefolder_tree_trains_with_its_own_classes(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, shade in (("dark", 30), ("light", 220)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.new("L", (40, 32), shade + i).save(folder / f"{i}.png")
+    cfg = small(tmp_path / "run", data=str(tmp_path / "data"), epochs=1, any_depth_epochs=0, batch_size=8, workers=0)
+    model, meta = load_checkpoint(train(cfg))
+    assert meta["labels"] == ["dark", "light"]
+    assert model.cfg.num_classes == 2
+    assert meta["preprocessing"]["input_size"] == 28

@@ -1,0 +1,91 @@
+"""depth=auto: per request, the deepest depth predicted to finish within the latency budget, without flapping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+LATENCY_TARGET, OVERLOAD = "latency_target", "overload"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The server-wide goal, and how early to give way.
+
+    A depth is *comfortable* while the work queued ahead uses at most `1 - headroom` of its slack (the target
+    minus the depth's own time). Stepping down as soon as the current depth is no longer comfortable, rather
+    than when it stops fitting at all, leaves room for a burst to be served at shallower depths instead of
+    being refused. A step up needs the deeper depth comfortable for `step_up_hold_s`: a step down is cheap to
+    undo, a step up into a queue that is still draining is not.
+    """
+
+    target_ms: float
+    headroom: float = 0.2
+    step_up_hold_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Predicted completion time (ms from now) of one request at each served depth."""
+
+    loaded_ms: Mapping[int, float]  # behind the work queued and running on the device now
+    idle_ms: Mapping[int, float]  # on an idle device: what the depth itself costs
+
+
+@dataclass(frozen=True)
+class Decision:
+    depth: int
+    reason: str  # LATENCY_TARGET: the budget alone limits the depth; OVERLOAD: the queue pushed it down
+    predicted_ms: float
+
+
+class AutoDepth:
+    """One model's auto depth (`current`), moved by the load every auto request sees.
+
+    `current` follows the server-wide target only: one request's tight timeout_ms narrows its own choice
+    but must not drag every other request down.
+    """
+
+    def __init__(self, depths: Iterable[int], policy: Policy):
+        self.depths = sorted(depths)
+        self.policy = policy
+        self.current = self.depths[-1]
+        self._fits_since: float | None = None  # since when a deeper depth has been comfortable
+        self._last_seen: float | None = None  # the previous decision's time
+
+    def decide(self, forecast: Forecast, now: float, budget_ms: float | None = None) -> Decision | None:
+        """The depth for one request, or None to reject it: even the shallowest depth misses the budget
+        because of the work ahead (an idle device would make it). A budget that even an idle device misses
+        gets the shallowest depth, and the request's deadline, if any, decides."""
+        self._follow(forecast, now)
+        budget = self.policy.target_ms if budget_ms is None else min(budget_ms, self.policy.target_ms)
+        depth = _deepest(forecast.loaded_ms, budget, (d for d in self.depths if d <= self.current))
+        shallowest = self.depths[0]
+        if depth is None and forecast.idle_ms[shallowest] <= budget:
+            return None
+        depth = depth or shallowest
+        unloaded = _deepest(forecast.idle_ms, budget, self.depths) or shallowest
+        return Decision(depth, OVERLOAD if depth < unloaded else LATENCY_TARGET, forecast.loaded_ms[depth])
+
+    def _follow(self, forecast: Forecast, now: float) -> None:
+        """Step down at once to the deepest comfortable depth; step up only after the hold or a quiet spell."""
+        comfortable = [d for d in self.depths if self._comfortable(forecast, d)]
+        best = max(comfortable, default=self.depths[0])
+        quiet = self._last_seen is None or now - self._last_seen >= self.policy.step_up_hold_s
+        self._last_seen = now
+        if best <= self.current:
+            self.current, self._fits_since = best, None
+            return
+        self._fits_since = now if self._fits_since is None else self._fits_since
+        if quiet or now - self._fits_since >= self.policy.step_up_hold_s:
+            self.current, self._fits_since = best, None
+
+    def _comfortable(self, forecast: Forecast, depth: int) -> bool:
+        own = forecast.idle_ms[depth]
+        slack = self.policy.target_ms - own
+        return slack >= 0 and forecast.loaded_ms[depth] - own <= (1 - self.policy.headroom) * slack
+
+
+def _deepest(predicted_ms: Mapping[int, float], budget_ms: float, depths: Iterable[int]) -> int | None:
+    fitting = [d for d in depths if predicted_ms[d] <= budget_ms]
+    return max(fitting) if fitting else None

@@ -1,0 +1,123 @@
+"""Receiving a classification body: capped while streaming, timed, and split into image bytes and form fields."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
+
+RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
+MULTIPART = "multipart/form-data"
+IMAGE_FIELD = "image"
+MAX_FORM_FIELDS = 8  # depth, top_k, model, timeout_ms, and a little slack for the client's own extras
+
+
+class RequestTimeout(ServiceError):
+    """The client took longer than body_timeout_s to send its body (a slow or stalled upload)."""
+
+    status, code = 408, "request_timeout"
+
+
+@dataclass
+class Body:
+    images: list[bytes]
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float, max_images: int) -> Body:
+    """The images and form fields of a POST /classify, or the client error that explains why not."""
+    kind = media_type(request.headers)
+    check_encoding(request.headers)
+    data = await receive(request, max_bytes, timeout_s)
+    if kind == MULTIPART:
+        return await parse_multipart(request.headers, data, max_images)
+    return Body([data])
+
+
+def media_type(headers: Headers) -> str:
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != MULTIPART and kind not in RAW_TYPES:
+        shown = kind or "no Content-Type"
+        raise UnsupportedMediaType(
+            f"{shown} is not accepted: send the image as the body with Content-Type one of {', '.join(RAW_TYPES)}, "
+            f"or as {MULTIPART} with the file in a field named {IMAGE_FIELD!r}"
+        )
+    return kind
+
+
+def check_encoding(headers: Headers) -> None:
+    """A gzip body would be a second decompression bomb in front of the image decoder: refuse it."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not accepted: send the body uncompressed")
+
+
+async def receive(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """Counted chunk by chunk, so a lying or missing Content-Length cannot get more than max_bytes in."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(size, max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s: send it faster") from None
+    except ClientDisconnect:
+        raise BadRequest("the client closed the connection before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def _too_large(size: int, max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the body is {size}+ bytes; the limit is {max_bytes} bytes: send a smaller image")
+
+
+async def parse_multipart(headers: Headers, data: bytes, max_images: int) -> Body:
+    """`image` parts in order, plus the text fields; the parts are capped, any other file part is refused."""
+
+    async def stream():
+        yield data
+
+    parser = MultiPartParser(headers, stream(), max_files=max_images, max_fields=MAX_FORM_FIELDS,
+                             max_part_size=64 * 1024)  # fmt: skip
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise BadRequest(f"bad multipart body: {e.message} (at most {max_images} image parts)") from e
+    try:
+        body = await _collect(form)
+    finally:
+        await form.close()
+    if not body.images:
+        raise BadRequest(f"the multipart body has no file in a field named {IMAGE_FIELD!r}")
+    return body
+
+
+async def _collect(form: FormData) -> Body:
+    body = Body([])
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            body.images.append(await _file_part(name, value))
+        elif name == IMAGE_FIELD:
+            raise BadRequest(
+                f"the {IMAGE_FIELD!r} part has no filename, so it arrived as text: send it as a "
+                f"file (curl -F {IMAGE_FIELD}=@photo.jpg)"
+            )
+        else:
+            body.fields[name] = value
+    return body
+
+
+async def _file_part(name: str, upload: UploadFile) -> bytes:
+    if name != IMAGE_FIELD:
+        raise BadRequest(f"file part {name!r} is not accepted: send images in fields named {IMAGE_FIELD!r}")
+    return await upload.read()

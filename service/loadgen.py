@@ -1,0 +1,231 @@
+"""HTTP load generation against /classify: test images as PNG, closed- and open-loop runs, their summary."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+MAX_OPEN_CONNECTIONS = 256  # open loop: past this many in flight, new requests wait for a connection
+
+
+# -- test images ------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An unsigned-byte IDX file (the MNIST format), gzipped or not; the service must not import srvit."""
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) - offset != math.prod(shape):
+        raise ValueError(f"{path} declares shape {shape} but holds {len(data) - offset} bytes of data")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).exists():
+            return root / name
+    raise FileNotFoundError(f"{root / stem}[.gz] not found: apt-get install dataset-fashion-mnist, or pass --data DIR")
+
+
+def fashion_mnist_test(root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """The 10k test images uint8 [N, 28, 28] and their labels [N]."""
+    images = read_idx(_idx_file(Path(root), "t10k-images-idx3-ubyte"))
+    labels = read_idx(_idx_file(Path(root), "t10k-labels-idx1-ubyte"))
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {len(images)} test images but {len(labels)} labels")
+    return images, labels
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 [H, W] (gray) or [H, W, 3] (RGB) array as PNG bytes, the way a client would upload it."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- one run ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What every request of a run asks for: POST {url}/classify?depth=..&top_k=1[&model=..]."""
+
+    url: str
+    depth: str  # "1".."max" or "auto"
+    model: str | None = None
+    timeout_s: float = 30.0
+
+    @property
+    def params(self) -> dict:
+        params = {"depth": self.depth, "top_k": 1}
+        return params | ({"model": self.model} if self.model else {})
+
+
+@dataclass(frozen=True)
+class Result:
+    """One request: times in seconds on the run's clock; status an HTTP code or `error:<Exception>`."""
+
+    started: float  # when it was sent (closed loop) or due (open loop: lateness counts as latency)
+    finished: float
+    status: int | str
+    depth_used: int | None = None
+    index: int | None = None  # top-1 class index
+    sent: float | None = None  # when it was handed to the client, if later than `started`
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished - self.started
+
+
+@dataclass
+class Run:
+    """Results of one run and the window they are judged in (seconds on the run's clock)."""
+
+    results: list[Result] = field(default_factory=list)
+    window: tuple[float, float] = (0.0, 0.0)
+    client_cpu_s: float = 0.0
+
+
+async def classify(client: httpx.AsyncClient, target: Target, png: bytes, started: float, clock) -> Result:
+    """Send one image; transport failures become a Result too, so a run never dies of one bad request."""
+    sent = clock()
+    try:
+        response = await client.post(
+            "/classify", params=target.params, content=png, headers={"content-type": "image/png"}
+        )
+    except httpx.HTTPError as e:
+        return Result(started, clock(), f"error:{type(e).__name__}", sent=sent)
+    if response.status_code != 200:
+        return Result(started, clock(), response.status_code, sent=sent)
+    body = response.json()
+    return Result(started, clock(), 200, body.get("depth_used"), body["predictions"][0]["index"], sent)
+
+
+def _client(target: Target, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=target.url, limits=limits, timeout=target.timeout_s)
+
+
+async def closed_loop(target: Target, pngs: Sequence[bytes], concurrency: int, duration_s: float,
+                      warmup_s: float = 0.0) -> Run:  # fmt: skip
+    """`concurrency` workers, each sending its next request as soon as the last one answered.
+
+    Counts the requests that finished inside [warmup_s, warmup_s + duration_s], as wrk does; those
+    still in flight at the end are awaited (so the server is idle afterwards) but not counted.
+    """
+    t0 = time.perf_counter()
+    clock = lambda: time.perf_counter() - t0
+    end = warmup_s + duration_s
+    results: list[Result] = []
+    cpu0 = time.process_time()
+
+    async def worker(offset: int) -> None:
+        i = offset
+        while clock() < end:
+            results.append(await classify(client, target, pngs[i % len(pngs)], clock(), clock))
+            i += concurrency
+
+    async with _client(target, concurrency) as client:
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    kept = [r for r in results if warmup_s <= r.finished <= end]
+    return Run(kept, (warmup_s, end), time.process_time() - cpu0)
+
+
+async def open_loop(target: Target, pngs: Sequence[bytes], rate: float, duration_s: float,
+                    warmup_s: float = 0.0) -> Run:  # fmt: skip
+    """`rate` requests per second, evenly spaced, whether or not earlier ones answered.
+
+    Latency runs from when a request was due, so a late client cannot hide queueing (coordinated
+    omission). Counts every request due inside the window, however late it finishes.
+    """
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    t0 = time.perf_counter()
+    clock = lambda: time.perf_counter() - t0
+    end = warmup_s + duration_s
+    cpu0 = time.process_time()
+    tasks: list[asyncio.Task] = []
+    async with _client(target, MAX_OPEN_CONNECTIONS) as client:
+        for i in range(math.ceil(end * rate)):
+            due = i / rate
+            await asyncio.sleep(max(0.0, due - clock()))
+            tasks.append(asyncio.create_task(classify(client, target, pngs[i % len(pngs)], due, clock)))
+        results = await asyncio.gather(*tasks)
+    kept = [r for r in results if warmup_s <= r.started < end]
+    return Run(kept, (warmup_s, end), time.process_time() - cpu0)
+
+
+async def sweep(target: Target, pngs: Sequence[bytes], concurrency: int) -> list[Result]:
+    """Every image once, `concurrency` at a time; results in the images' order."""
+    t0 = time.perf_counter()
+    clock = lambda: time.perf_counter() - t0
+    results: list[Result | None] = [None] * len(pngs)
+    todo = iter(range(len(pngs)))
+
+    async def worker() -> None:
+        for i in todo:  # one shared iterator: each index goes to exactly one worker
+            results[i] = await classify(client, target, pngs[i], clock(), clock)
+
+    async with _client(target, concurrency) as client:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+# -- summary ----------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of ascending values: the smallest value with at least p% at or below it."""
+    if not sorted_values:
+        return math.nan
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {p}")
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return float(sorted_values[rank - 1])
+
+
+def summarize(run: Run) -> dict:
+    """Throughput, latency of the answered requests, errors by status, depth mix.
+
+    Throughput spans the window or, when counted requests finished after it (open loop behind an
+    overloaded server), until the last answer came: a server that falls behind shows it.
+    """
+    ok = [r for r in run.results if r.status == 200]
+    latencies_ms = sorted(r.latency_s * 1000 for r in ok)
+    window_s = max([run.window[1], *(r.finished for r in ok)]) - run.window[0]
+    depths = Counter(r.depth_used for r in ok)
+    return {
+        "requests": len(run.results),
+        "ok": len(ok),
+        "errors": dict(sorted(Counter(str(r.status) for r in run.results if r.status != 200).items())),
+        "images_per_s": len(ok) / window_s if window_s > 0 else math.nan,
+        "latency_ms": {
+            "p50": percentile(latencies_ms, 50),
+            "p95": percentile(latencies_ms, 95),
+            "p99": percentile(latencies_ms, 99),
+            "mean": sum(latencies_ms) / len(latencies_ms) if ok else math.nan,
+            "max": latencies_ms[-1] if ok else math.nan,
+        },
+        "depth_mix": {str(d): n / len(ok) for d, n in sorted(depths.items(), key=lambda kv: str(kv[0]))},
+        "send_lag_ms_p99": percentile(sorted((r.sent - r.started) * 1000 for r in run.results if r.sent), 99),
+        "window_s": window_s,
+        "client_cpu_s": run.client_cpu_s,
+    }

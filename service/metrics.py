@@ -1,0 +1,91 @@
+"""Prometheus metrics of one app: its own registry, srvit_ names, base units, labels from closed sets only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.batcher import Key, Observer
+from service.errors import ServiceError
+
+# 0.5 ms .. 10 s: a small graph on a GPU and a deep one on a busy CPU land in the same buckets' range.
+SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NONE = ""  # label value before the model or depth is known (a request refused at the door)
+
+
+class Metrics:
+    """Everything exported at /metrics. Model labels come from the repository, depth labels from its depths,
+    status from the status-code contract, reasons from fixed sets; never a request id, path or user string."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        md = ("model", "depth")
+        self.requests = self._counter("srvit_requests", "Classification requests by outcome", (*md, "status"))
+        self.request_seconds = self._seconds("srvit_request_duration_seconds", "Successful request latency", md)
+        self.queue_seconds = self._seconds("srvit_queue_wait_seconds", "Queued until its batch started", md)
+        self.inference_seconds = self._seconds("srvit_inference_duration_seconds", "Time one batch ran", md)
+        self.preprocess_seconds = self._seconds("srvit_preprocess_duration_seconds", "Decoding a request's images", md)
+        self.batch_size = Histogram("srvit_batch_size_images", "Images per formed batch", md, buckets=BATCH_BUCKETS,
+                                    registry=self.registry)  # fmt: skip
+        self.images = self._counter("srvit_inference_images", "Images run through a graph", md)
+        self.batches = self._counter("srvit_inference_batches", "Batches run", md)
+        self.batch_failures = self._counter("srvit_inference_failures", "Batches whose inference failed", md)
+        self.rejections = self._counter("srvit_rejections", "Requests refused before queueing", ("model", "reason"))
+        self.drops = self._counter("srvit_dropped", "Queued requests that left without a result", ("model", "reason"))
+        self.downgrades = self._counter("srvit_auto_depth_downgrades", "depth=auto requests served below the "
+                                        "deepest depth", ("model", "reason"))  # fmt: skip
+        self.queue_images = Gauge("srvit_queue_images", "Images waiting per (model, depth)", md, registry=self.registry)
+        self.auto_depth = Gauge("srvit_auto_depth", "The depth auto picks now", ["model"], registry=self.registry)
+
+    def _counter(self, name: str, doc: str, labels: Sequence[str]) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def _seconds(self, name: str, doc: str, labels: Sequence[str]) -> Histogram:
+        return Histogram(name, doc, labels, buckets=SECONDS_BUCKETS, registry=self.registry)
+
+    def watch_queue(self, key: Key, images: Callable[[], int]) -> None:
+        self.queue_images.labels(*_md(key)).set_function(images)
+
+    def watch_auto_depth(self, model: str, depth: Callable[[], int]) -> None:
+        self.auto_depth.labels(model).set_function(depth)
+
+    def request(self, model: str, depth: int | None, status: int, seconds: float | None = None) -> None:
+        labels = (model or NONE, NONE if depth is None else str(depth))
+        self.requests.labels(*labels, str(status)).inc()
+        if status == 200 and seconds is not None:
+            self.request_seconds.labels(*labels).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class BatchMetrics(Observer):
+    """The batcher's events as metrics; the batcher itself never imports prometheus."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def on_batch(self, key: Key, size: int, queue_wait_s: Sequence[float], run_s: float) -> None:
+        labels = _md(key)
+        self.m.batch_size.labels(*labels).observe(size)
+        self.m.images.labels(*labels).inc(size)
+        self.m.batches.labels(*labels).inc()
+        self.m.inference_seconds.labels(*labels).observe(run_s)
+        for wait in queue_wait_s:
+            self.m.queue_seconds.labels(*labels).observe(wait)
+
+    def on_error(self, key: Key, size: int, error: ServiceError) -> None:
+        self.m.batch_failures.labels(*_md(key)).inc()
+
+    def on_reject(self, key: Key, reason: str) -> None:
+        self.m.rejections.labels(key[0], reason).inc()
+
+    def on_drop(self, key: Key, reason: str) -> None:
+        self.m.drops.labels(key[0], reason).inc()
+
+
+def _md(key: Key) -> tuple[str, str]:
+    model, depth = key
+    return model, str(depth)

@@ -1,0 +1,94 @@
+"""The HTTP API's shapes: request parameters and response bodies, which also document the API in OpenAPI."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Depth = int | Literal["auto"]
+
+
+class ClassifyParams(BaseModel):
+    """Query parameters of POST /classify, or form fields beside the `image` parts of a multipart body.
+
+    Unknown parameters are refused: a misspelt `deph=1` silently ignored would serve the wrong depth.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    depth: Depth | None = Field(
+        None, description="recursion depth 1..max_depth, or `auto` to meet the latency target; default: max depth"
+    )
+    top_k: int | None = Field(None, ge=1, description="predictions to return (at most the number of labels)")
+    model: str | None = Field(None, description="model name; optional when the server serves one model")
+    timeout_ms: float | None = Field(None, gt=0, description="deadline from receipt; 504 when it passes")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float = Field(description="softmax probability")
+
+
+class Timing(BaseModel):
+    queue: float = Field(description="ms from queueing to the batch starting")
+    inference: float = Field(description="ms the batch ran")
+    total: float = Field(description="ms from receipt to the answer")
+
+
+class Classification(BaseModel):
+    """One image's answer."""
+
+    model: str
+    model_version: str
+    depth_requested: Depth | None = Field(description="what the request asked for; null when it named no depth")
+    depth_used: int
+    depth_reason: Literal["requested", "default", "latency_target", "overload"] = Field(
+        description="requested: the explicit depth, always honoured exactly; default: the server's default depth; "
+        "latency_target: auto, as deep as the latency budget allows on an idle server; "
+        "overload: auto, pushed shallower by the work queued ahead"
+    )
+    predictions: list[Prediction]
+    timing_ms: Timing
+    request_id: str
+
+
+class Classifications(BaseModel):
+    """The answer to a multipart request with several `image` parts, in part order."""
+
+    results: list[Classification]
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what went wrong and what to do about it")
+    code: str = Field(description="machine-readable, from a fixed set: payload_too_large, unsupported_media_type, ...")
+    request_id: str
+
+
+class DepthInfo(BaseModel):
+    depth: int
+    accuracy: dict | None = Field(description="held-out top-1 from the manifest, or null when none was measured")
+    latency_ms: dict[str, float] = Field(description="measured at warm-up: batch size -> median ms")
+    runtime: str = Field(description="execution provider or engine serving this depth")
+    max_batch_size: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    max_depth: int
+    default_depth: Depth
+    auto_depth: int = Field(description="the depth `auto` currently picks on this server")
+    labels: int = Field(description="number of classes")
+    input_shape: list[int] = Field(description="[-1, C, H, W]; -1 is the batch")
+    depths: list[DepthInfo]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class Status(BaseModel):
+    status: str

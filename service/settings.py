@@ -1,0 +1,77 @@
+"""Every knob of `srvit serve`: one pydantic settings object, read from SRVIT_* variables and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Built once per app. Precedence: CLI flags (constructor arguments), then SRVIT_* variables, then defaults.
+
+    List-valued settings take comma-separated text (SRVIT_WARMUP_BATCH_SIZES=1,4,16) so that an environment
+    variable and a flag read the same way.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SRVIT_", frozen=True, extra="forbid")
+
+    repo: Path = Field(Path("model_repo"), description="model repository written by `srvit export`")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    default_depth: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="depth when a request names none: a number, or auto (default: each model's deepest)"
+    )
+    max_batch_size: int = Field(32, ge=1, description="largest batch formed; capped by each manifest's own limit")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, description="how long the oldest queued request waits for its batch to fill up"
+    )
+    max_queue_images: int = Field(256, ge=1, description="images queued per (model, depth) before 503 overloaded")
+    max_images_per_request: int = Field(16, ge=1, description="image parts accepted in one multipart request")
+    max_body_bytes: int = Field(16 * MiB, ge=1, description="request body limit, counted while streaming (413)")
+    max_pixels: int = Field(40_000_000, ge=1, description="width*height limit, checked before decoding (422)")
+    latency_target_ms: float = Field(100.0, gt=0, description="the completion time depth=auto aims for")
+    auto_headroom: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of each depth's slack auto keeps free of queued work, so bursts "
+        "step down to shallower depths before requests must be refused",
+    )
+    auto_step_up_hold_s: float = Field(
+        2.0, ge=0, description="a deeper depth must stay comfortable this long before auto steps up (no flapping)"
+    )
+    providers: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("auto",),
+        description="ONNX Runtime execution providers in order (tensorrt, cuda, cpu or full names); "
+        "auto = TensorRT, CUDA, CPU as available",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: ONNX Runtime's choice)")
+    preprocess_threads: int = Field(2, ge=1, description="threads decoding images off the event loop")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time allowed for queued and running work")
+    body_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive a request body (408)")
+    default_top_k: int = Field(5, ge=1, description="predictions returned when a request names no top_k")
+    warmup_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field(
+        (1, 4, 16), description="batch sizes timed at start-up (each model's batch limit is always added)"
+    )
+    warmup_runs: int = Field(3, ge=1, description="timed runs per (depth, batch size); the median is kept")
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="log level")
+
+    @field_validator("providers", "warmup_batch_sizes", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        """'1,4,16' from an environment variable or a flag; lists from Python pass through."""
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("warmup_batch_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if not sizes or min(sizes) < 1:
+            raise ValueError("warm-up batch sizes must be positive integers, e.g. 1,4,16")
+        return tuple(sorted(set(sizes)))

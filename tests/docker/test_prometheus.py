@@ -1,0 +1,118 @@
+"""A real Prometheus scrapes a real `srvit serve`, started with the image's own command, and answers queries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from containerfiles import PROMETHEUS_CONFIG, dashboard_queries, dockerfile_cmd, load_yaml, with_option
+
+from service import bench, loadgen
+
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+
+FAST_START = {"SRVIT_WARMUP_BATCH_SIZES": "1", "SRVIT_WARMUP_RUNS": "1", "SRVIT_PREPROCESS_THREADS": "1"}
+
+
+def started(argv: list[str], env: dict[str, str], log: Path, url: str, ready_path: str) -> bench.Server:
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = bench.Server(url, process, env, log)
+    try:
+        bench.wait_ready(server, 120, ready_path)
+    except BaseException:
+        bench.stop(process)
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def srvit_server(tiny_repo, tmp_path_factory):
+    """The Dockerfile's CMD, on loopback and a free port instead of 0.0.0.0:8000."""
+    port = bench.free_port()
+    argv = with_option(with_option(dockerfile_cmd(), "--host", "127.0.0.1"), "--port", str(port))
+    argv[0] = shutil.which(argv[0]) or str(Path(sys.executable).parent / argv[0])  # the venv's console script
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRVIT_")}
+    env |= FAST_START | {"SRVIT_REPO": str(tiny_repo)}
+    log = tmp_path_factory.mktemp("srvit") / "serve.log"
+    server = started(argv, env, log, f"http://127.0.0.1:{port}", "/readyz")
+    yield server
+    bench.stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def prometheus(srvit_server, tmp_path_factory):
+    """docker/prometheus.yml with the target moved to the test server and a 1 s scrape interval."""
+    folder = tmp_path_factory.mktemp("prometheus")
+    config = load_yaml(PROMETHEUS_CONFIG)
+    config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    target = srvit_server.url.removeprefix("http://")
+    for job in config["scrape_configs"]:
+        for group in job["static_configs"]:
+            group["targets"] = [target if t == "srvit:8000" else t for t in group["targets"]]
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = bench.free_port()
+    argv = [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]  # fmt: skip
+    server = started(argv, dict(os.environ), folder / "prometheus.log", f"http://127.0.0.1:{port}", "/-/ready")
+    yield server
+    bench.stop(server.process)
+
+
+def query(prometheus: bench.Server, promql: str) -> list[dict]:
+    body = httpx.get(f"{prometheus.url}/api/v1/query", params={"query": promql}, timeout=5).json()
+    assert body["status"] == "success", f"{promql}: {body.get('error')}"
+    return body["data"]["result"]
+
+
+def eventually(prometheus: bench.Server, promql: str, timeout_s: float = 20.0) -> list[dict]:
+    """The query's result once it is non-empty: scrapes come every second, rates need two of them."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := query(prometheus, promql)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return result
+
+
+def classify(server: bench.Server, depth: str, n: int) -> None:
+    png = loadgen.encode_png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+    for _ in range(n):
+        response = httpx.post(f"{server.url}/classify", params={"depth": depth}, content=png,
+                              headers={"content-type": "image/png"}, timeout=10)  # fmt: skip
+        assert response.status_code == 200, response.text
+
+
+def test_prometheus_scrapes_the_servers_request_count(srvit_server, prometheus):
+    classify(srvit_server, "1", 5)
+    classify(srvit_server, "2", 3)
+    deadline, counts = time.monotonic() + 20, {}
+    while counts != {"1": 5.0, "2": 3.0} and time.monotonic() < deadline:
+        time.sleep(0.5)
+        counts = {r["metric"]["depth"]: float(r["value"][1]) for r in query(prometheus, "srvit_requests_total")}
+    assert counts == {"1": 5.0, "2": 3.0}
+    (up,) = query(prometheus, 'up{job="srvit"}')
+    assert up["value"][1] == "1"
+
+
+def as_grafana_sends(expr: str) -> str:
+    return expr.replace("$model", ".*").replace("$__rate_interval", "1m")
+
+
+def test_every_dashboard_query_runs_and_the_main_panels_have_data(srvit_server, prometheus):
+    """Bad PromQL or a wrong series name shows up in Grafana only as an empty or red panel."""
+    classify(srvit_server, "1", 3)
+    panels = dashboard_queries()
+    for exprs in panels.values():
+        for expr in exprs:
+            query(prometheus, as_grafana_sends(expr))
+    for title in ("Requests by status", "Latency p50 / p99 by depth", "Mean batch size by depth"):
+        for expr in panels[title]:
+            assert eventually(prometheus, as_grafana_sends(expr)), f"{title}: no data for {expr}"

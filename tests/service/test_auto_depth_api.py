@@ -1,0 +1,92 @@
+"""depth=auto through the API, on a runtime slowed to a known cost per image and depth."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sample_images import png
+
+import service.lifecycle
+
+pytestmark = pytest.mark.anyio
+
+
+class Slowed:
+    """A runtime whose batches take `ms_per_image * depth` per image: a device with a predictable cost."""
+
+    def __init__(self, inner, ms: float):
+        self.inner, self.ms, self.provider = inner, ms, f"slowed {inner.provider}"
+
+    def run(self, images):
+        time.sleep(self.ms * len(images) / 1000)
+        return self.inner.run(images)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture
+def slowed(monkeypatch):
+    """Per image: depth 1 takes `ms`, depth 2 twice that, depth 3 three times; warm-up measures it too."""
+
+    def install(ms: float) -> None:
+        real = service.lifecycle.open_runtime
+
+        def open_slowed(artifacts, *args):
+            return Slowed(real(artifacts, *args), ms * artifacts[0].depth)
+
+        monkeypatch.setattr(service.lifecycle, "open_runtime", open_slowed)
+
+    return install
+
+
+def raw(**params) -> dict:
+    return {"params": params, "content": png(), "headers": {"Content-Type": "image/png"}}
+
+
+async def test_target_alone_picks_a_shallower_depth_on_an_idle_server(serving, slowed):
+    slowed(10)  # depth 1, 2, 3: 10, 20, 30 ms per image, plus a 2 ms batch window
+    async with serving(latency_target_ms=27, max_queue_delay_ms=2) as (_, client):
+        body = (await client.post("/classify", **raw(depth="auto"))).json()
+    assert (body["depth_requested"], body["depth_used"], body["depth_reason"]) == ("auto", 2, "latency_target")
+
+
+async def test_auto_goes_down_under_load_and_back_up_after_while_explicit_depth_never_changes(serving, slowed):
+    slowed(4)  # depth 3 costs 12 ms an image: a dozen queued images use up the 150 ms target
+    settings = {"latency_target_ms": 150, "max_queue_delay_ms": 2, "auto_step_up_hold_s": 0.3}
+    async with serving(**settings) as (_, client):
+        auto = [client.post("/classify", **raw(depth="auto")) for _ in range(40)]
+        explicit = [client.post("/classify", **raw(depth=3)) for _ in range(6)]
+        answers = await asyncio.gather(*auto, *explicit)
+        after = await _until_deepest(client)
+        metrics = (await client.get("/metrics")).text
+    auto_answers, explicit_answers = answers[:40], answers[40:]
+    served = [a.json() for a in auto_answers if a.status_code == 200]
+    assert any(b["depth_used"] < 3 and b["depth_reason"] == "overload" for b in served), served
+    for refused in (a for a in auto_answers if a.status_code != 200):
+        assert (refused.status_code, refused.json()["code"]) == (503, "overloaded")
+        assert int(refused.headers["retry-after"]) >= 1
+    assert [(a.json()["depth_used"], a.json()["depth_reason"]) for a in explicit_answers] == [(3, "requested")] * 6
+    assert (after["depth_used"], after["depth_reason"]) == (3, "latency_target")
+    assert 'srvit_auto_depth_downgrades_total{model="tiny",reason="overload"}' in metrics
+
+
+async def _until_deepest(client, timeout_s: float = 10.0) -> dict:
+    """Auto requests one at a time until the server is back at depth 3 (the hold is 0.3 s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = (await client.post("/classify", **raw(depth="auto"))).json()
+        if body["depth_used"] == 3 or time.monotonic() > deadline:
+            return body
+        await asyncio.sleep(0.05)
+
+
+async def test_default_depth_auto_is_a_setting(serving, slowed):
+    slowed(10)
+    async with serving(latency_target_ms=27, max_queue_delay_ms=2, default_depth="auto") as (_, client):
+        body = (await client.post("/classify", **raw())).json()
+        models = (await client.get("/v1/models")).json()["models"][0]
+    assert (body["depth_requested"], body["depth_used"], body["depth_reason"]) == (None, 2, "latency_target")
+    assert models["default_depth"] == "auto"

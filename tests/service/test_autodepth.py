@@ -1,0 +1,97 @@
+"""service.autodepth without a server: depth choice, reasons, hysteresis, rejection."""
+
+from __future__ import annotations
+
+from service.autodepth import LATENCY_TARGET, OVERLOAD, AutoDepth, Forecast, Policy
+
+COST_MS = {1: 10.0, 2: 20.0, 3: 30.0}  # what each depth takes on an idle device
+# With the 50 ms target and 20% headroom a depth stays comfortable while the backlog is at most
+# 0.8 * (50 - cost): depth 3 up to 16 ms, depth 2 up to 24 ms, depth 1 up to 32 ms.
+
+
+def forecast(backlog_ms: float = 0.0) -> Forecast:
+    return Forecast({d: backlog_ms + ms for d, ms in COST_MS.items()}, dict(COST_MS))
+
+
+def auto(target_ms: float = 50.0, hold_s: float = 1.0) -> AutoDepth:
+    return AutoDepth([3, 1, 2], Policy(target_ms, headroom=0.2, step_up_hold_s=hold_s))
+
+
+def test_idle_server_gets_the_deepest_depth():
+    decision = auto().decide(forecast(), now=0.0)
+    assert (decision.depth, decision.reason) == (3, LATENCY_TARGET)
+
+
+def test_target_alone_limits_the_depth_on_an_idle_server():
+    decision = auto(target_ms=25).decide(forecast(), now=0.0)
+    assert (decision.depth, decision.reason) == (2, LATENCY_TARGET)
+
+
+def test_load_pushes_the_depth_down_at_once_with_reason_overload():
+    a = auto()
+    decision = a.decide(forecast(backlog_ms=35), now=0.0)  # 3 -> 65, 2 -> 55, 1 -> 45
+    assert (decision.depth, decision.reason) == (1, OVERLOAD) and a.current == 1
+
+
+def test_step_up_waits_for_the_hold_with_margin():
+    a = auto(hold_s=1.0)
+    a.decide(forecast(backlog_ms=35), now=0.0)
+    assert a.decide(forecast(), now=0.1).depth == 1  # fits now, but only just seen
+    assert a.decide(forecast(), now=0.6).depth == 1
+    decision = a.decide(forecast(), now=1.2)
+    assert (decision.depth, decision.reason) == (3, LATENCY_TARGET)
+
+
+def test_auto_steps_down_before_the_target_is_reached_to_leave_room_for_a_burst():
+    a = auto()
+    decision = a.decide(forecast(backlog_ms=20), now=0.0)  # depth 3 would still fit: 50 ms
+    assert (decision.depth, decision.reason) == (2, OVERLOAD) and a.current == 2
+
+
+def test_step_up_goes_only_as_deep_as_is_comfortable():
+    a = auto(hold_s=0.5)
+    a.decide(forecast(backlog_ms=35), now=0.0)
+    for t in (0.1, 0.4, 0.8, 1.6):
+        decision = a.decide(forecast(backlog_ms=20), now=t)  # depth 3 fits (50 ms) without headroom
+    assert decision.depth == 2 and a.current == 2
+
+
+def test_a_miss_during_the_hold_restarts_it():
+    a = auto(hold_s=1.0)
+    a.decide(forecast(backlog_ms=35), now=0.0)
+    a.decide(forecast(), now=0.1)
+    a.decide(forecast(backlog_ms=35), now=0.5)  # load is back
+    assert a.decide(forecast(), now=1.15).depth == 1  # the hold counts from 1.15, not 0.1
+    assert a.decide(forecast(), now=1.7).depth == 1
+    assert a.decide(forecast(), now=2.2).depth == 3
+
+
+def test_after_a_quiet_spell_the_next_request_goes_back_up_at_once():
+    a = auto(hold_s=1.0)
+    a.decide(forecast(backlog_ms=35), now=0.0)
+    assert a.decide(forecast(), now=5.0).depth == 3  # nothing asked for 5 s: nothing to protect
+
+
+def test_request_budget_narrows_one_request_only():
+    a = auto(target_ms=50)
+    tight = a.decide(forecast(), now=0.0, budget_ms=15)
+    assert (tight.depth, tight.reason) == (1, LATENCY_TARGET)
+    assert a.current == 3 and a.decide(forecast(), now=0.01).depth == 3
+    assert a.decide(forecast(), now=0.02, budget_ms=500).depth == 3  # a looser budget does not exceed the target
+
+
+def test_reject_only_when_the_load_makes_even_depth_one_miss():
+    a = auto(target_ms=50)
+    assert a.decide(forecast(backlog_ms=45), now=0.0) is None  # 1 -> 55 > 50, idle 10 would fit
+    assert a.current == 1
+
+
+def test_budget_even_an_idle_device_misses_gets_the_shallowest_depth():
+    decision = auto(target_ms=50).decide(forecast(backlog_ms=100), now=0.0, budget_ms=5)
+    assert (decision.depth, decision.reason) == (1, LATENCY_TARGET)  # its deadline decides, not a 503
+
+
+def test_only_served_depths_are_chosen():
+    a = AutoDepth([1, 3], Policy(25))
+    f = Forecast({1: 10, 3: 30}, {1: 10, 3: 30})
+    assert a.decide(f, now=0.0).depth == 1
