@@ -47,7 +47,7 @@ def test_open_loop_sends_the_offered_rate_whatever_the_answers(server, pngs):
     run = asyncio.run(loadgen.open_loop(Target(server.url, "auto"), pngs, rate=20.0, duration_s=1.5))
     s = loadgen.summarize(run)
     assert s["requests"] == 30 and s["ok"] == 30
-    assert set(s["depth_mix"]) <= {"1", "2"} and sum(s["depth_mix"].values()) == pytest.approx(1.0)
+    assert set(s["depth_mix"]) <= {"1", "2", "3"} and sum(s["depth_mix"].values()) == pytest.approx(1.0)
 
 
 def test_load_command_writes_one_row_per_depth_and_concurrency(server, tmp_path):
@@ -84,9 +84,9 @@ def test_matrix_writes_every_run_the_closing_note_needs(tiny_repo, tmp_path):
     assert srvit(argv) == 0
     report = json.loads((tmp_path / "toy.json").read_text())
     runs = {(r["batching"], r["depth"], r["concurrency"]) for r in report["server_runs"]}
-    assert runs == {(b, d, c) for b in ("on", "off") for d in ("1", "2") for c in (2,)}
+    assert runs == {(b, d, c) for b in ("on", "off") for d in ("1", "3") for c in (2,)}  # shallowest and deepest
     assert all(r["mean_batch"] == 1 for r in report["server_runs"] if r["batching"] == "off")
-    assert [r["depth"] for r in report["raw"]] == ["1", "2"] and all(r["server_over_raw"] > 0 for r in report["raw"])
-    assert [r["depth"] for r in report["auto"]] == ["auto", "2"]
+    assert [r["depth"] for r in report["raw"]] == ["1", "3"] and all(r["server_over_raw"] > 0 for r in report["raw"])
+    assert [r["depth"] for r in report["auto"]] == ["auto", "3"]
     assert report["machine"]["onnxruntime"] and report["setup"]["cores"]["sharing"]
     assert "## Overload" in (tmp_path / "toy.md").read_text()

@@ -96,7 +96,7 @@ def test_serving_needs_nothing_the_image_lacks():
     packages unimportable (run in a fresh interpreter, so this process's imports do not hide anything)."""
     code = """
 import sys
-ABSENT = {"torch", "onnx", "onnxscript", "safetensors", "export", "httpx", "tritonclient"}
+ABSENT = {"torch", "onnxscript", "safetensors", "export", "httpx", "tritonclient"}
 class NotInImage:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ABSENT:

@@ -1,46 +1,11 @@
-"""Export test fixtures: a tiny random SR-ViT checkpoint exported once, Triton's config schema, TensorRT skips."""
+"""Export test fixtures: Triton's config schema and TensorRT skips (the tiny model is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
-
-from export.pipeline import export_checkpoint
-from srvit.checkpoint import save_checkpoint
-from srvit.model import SRViT, SRViTConfig
-
-
-@dataclass(frozen=True)
-class Tiny:
-    """A model small enough that tracing a depth takes seconds on two busy cores."""
-
-    name: str = "tiny"
-    cfg: SRViTConfig = SRViTConfig(
-        img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16,
-        num_blocks=1, num_heads=2, mlp_ratio=2.0, max_depth=3, router_hidden=8,
-    )  # fmt: skip
-    labels: list[str] = field(default_factory=lambda: ["alpha", "beta", "gamma"])
-    preprocessing: dict = field(
-        default_factory=lambda: {
-            "input_size": 8,
-            "channels": "L",
-            "mean": [0.5],
-            "std": [0.5],
-            "resize_size": 8,
-            "interpolation": "bilinear",
-        }  # fmt: skip
-    )
-
-    def save(self, path: Path, labels: list[str] | None = None, dataset: str = "synthetic", seed: int = 0) -> Path:
-        """A random model: parity does not care whether it was trained, only whether the graph matches it."""
-        torch.manual_seed(seed)
-        meta = {"labels": labels or self.labels, "preprocessing": self.preprocessing, "model": "tiny"}
-        save_checkpoint(path, SRViT(self.cfg), {**meta, "training": {"dataset": dataset}})
-        return path
 
 
 def tensorrt_unavailable() -> str | None:
@@ -64,24 +29,6 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def tensorrt_missing() -> str | None:
     return tensorrt_unavailable()
-
-
-@pytest.fixture(scope="session")
-def tiny() -> Tiny:
-    return Tiny()
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tiny, tmp_path_factory) -> Path:
-    return tiny.save(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="session")
-def exported(tiny, tiny_checkpoint, tmp_path_factory) -> tuple[Path, list[dict]]:
-    """All three depths exported once into a fresh repo; tests only read it."""
-    repo = tmp_path_factory.mktemp("exported") / "model_repo"
-    rows = export_checkpoint(tiny_checkpoint, tiny.name, repo, data=None, parity_images=64, max_batch=16)
-    return repo, rows
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Service fixtures: a tiny random model exported once per session, settings for fast start-up, in-process apps."""
+"""Service fixtures: a damageable copy of the tiny repository, settings for fast start-up, in-process apps."""
 
 from __future__ import annotations
 
@@ -10,23 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from export.pipeline import export_checkpoint
 from service.app import create_app
 from service.runtime import tensorrt_unavailable
 from service.settings import Settings
-from srvit.checkpoint import save_checkpoint
-from srvit.model import SRViT, SRViTConfig
-
-TINY_LABELS = ["alpha", "beta", "gamma"]
-TINY_CONFIG = SRViTConfig(
-    img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16,
-    num_blocks=1, num_heads=2, mlp_ratio=2.0, max_depth=3, router_hidden=8,
-)  # fmt: skip
-TINY_PREPROCESSING = {
-    "input_size": 8, "channels": "L", "mean": [0.5], "std": [0.5], "resize_size": 8, "interpolation": "bilinear",
-}  # fmt: skip
 
 
 def pytest_runtest_setup(item):
@@ -44,26 +31,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A random model: serving does not care whether it was trained, only that the graphs answer."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    meta = {"labels": TINY_LABELS, "preprocessing": TINY_PREPROCESSING, "model": "tiny"}
-    save_checkpoint(path, SRViT(TINY_CONFIG), {**meta, "training": {"dataset": "synthetic"}})
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_repo(tiny_checkpoint, tmp_path_factory) -> Path:
-    """Depths 1..3 of `tiny` exported once; tests that damage a repository copy it first (repo_copy)."""
-    repo = tmp_path_factory.mktemp("served") / "model_repo"
-    export_checkpoint(tiny_checkpoint, "tiny", repo, data=None, parity_images=8, max_batch=8)
-    return repo
-
-
 @pytest.fixture
 def repo_copy(tiny_repo, tmp_path) -> Path:
+    """The session's tiny_repo (tests/conftest.py) is shared: a test that damages a repository takes a copy."""
     return Path(shutil.copytree(tiny_repo, tmp_path / "model_repo"))
 
 

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from service import bench
 
 SRVIT = Path(sys.executable).with_name("srvit")
 FAST = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1", "--max-queue-delay-ms", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env() -> dict:
@@ -28,28 +20,22 @@ def clean_env() -> dict:
 
 
 class ServerProcess:
-    """`srvit serve` with its output in a file (a full pipe would block it), stopped by the test or at exit."""
+    """`srvit serve` with its command-line flags and its output in a file (a full pipe would block it);
+    started, waited for and stopped with the benchmark's own helpers."""
 
     def __init__(self, repo: Path, log_path: Path, *flags: str):
-        self.port = free_port()
+        self.port = bench.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         args = [str(SRVIT), "serve", "--repo", str(repo), "--port", str(self.port), *FAST, *flags]
+        env = clean_env()
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.server = bench.Server(self.url, self.proc, env, log_path)
 
     def wait_ready(self, timeout_s: float = 90) -> ServerProcess:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"srvit serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"srvit serve not ready after {timeout_s} s:\n{self.output()}")
+        bench.wait_ready(self.server, timeout_s)
+        return self
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -58,6 +44,4 @@ class ServerProcess:
         self.proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        bench.stop(self.proc, timeout_s=10)

@@ -236,8 +236,8 @@ async def test_models_lists_depths_accuracy_latency_labels_and_shape(serving):
     assert [d["depth"] for d in model["depths"]] == [1, 2, 3]
     for depth in model["depths"]:
         assert depth["accuracy"] is None  # exported without held-out data
-        assert set(depth["latency_ms"]) == {"1", "2", "8"} and all(ms > 0 for ms in depth["latency_ms"].values())
-        assert (depth["runtime"], depth["max_batch_size"]) == ("CPUExecutionProvider", 8)
+        assert set(depth["latency_ms"]) == {"1", "2", "16"} and all(ms > 0 for ms in depth["latency_ms"].values())
+        assert (depth["runtime"], depth["max_batch_size"]) == ("CPUExecutionProvider", 16)
 
 
 async def test_batch_limit_is_capped_by_the_setting(serving):

@@ -121,14 +121,6 @@ def test_depths_that_disagree_are_refused(repo_copy):
         load_repository(repo_copy)
 
 
-def test_service_copy_of_the_external_data_check_matches_export():
-    """service/onnx_safety.py is a copy (the service cannot import export); below the docstring it must match."""
-    root = Path(__file__).parents[2]
-    ours = (root / "service" / "onnx_safety.py").read_text().split('"""', 2)[2]
-    theirs = (root / "export" / "safety.py").read_text().split('"""', 2)[2]
-    assert ours == theirs
-
-
 def test_providers_auto_prefers_tensorrt_then_cuda_then_cpu():
     available = ["CPUExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider"]
     assert choose_providers(["auto"], available) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
