@@ -15,7 +15,7 @@ from export import parity as checks
 from export.errors import ExportError
 from export.manifest import build_manifest, file_entries, software_versions, write_manifest
 from export.onnx_graph import check_graph, trace
-from export.publish import publish, staging
+from export.publish import publish, remove_stale, staging
 from export.report import Steps, summary_table
 from export.samples import Samples, find_samples
 from export.triton import config_pbtxt
@@ -55,7 +55,8 @@ def export_checkpoint(
     max_batch: int = 64, trt: bool = False, precision: str = "fp32", data: Path | None = FASHION_MNIST_DIR,
     parity_images: int = 256, atol: float = 1e-4, console: Console | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Export every requested depth into `repo`, or raise ExportError and publish nothing.
+    """Export every requested depth into `repo`, or raise ExportError and publish nothing. On success, the
+    model's folders this export did not produce (other depths, or engines not rebuilt) are removed.
 
     Returns one row per published model folder: model, depth, platform, file, size_bytes,
     max_abs_diff, top1_agreement, accuracy (top-1 or None), seconds.
@@ -73,9 +74,17 @@ def export_checkpoint(
         if samples.heldout is None:
             steps.note(f"[yellow]warning:[/] parity runs on {samples.source}; accuracy will not be measured")
         rows = [row for depth in depths for row in export_depth(job, depth, stage, steps)]
-        with steps.step(f"publish {len(rows)} model folder(s) into {repo}"):
-            publish(stage, repo)
+        publish_all(job, stage, steps, len(rows))
     return rows
+
+
+def publish_all(job: Job, stage: Path, steps: Steps, folders: int) -> None:
+    """Every checked folder into the repo, then the model's folders this export did not produce out of it."""
+    with steps.step(f"publish {folders} model folder(s) into {job.repo}"):
+        published = publish(stage, job.repo)
+        removed = remove_stale(job.repo, job.name, {p.name for p in published})
+    for folder in removed:
+        steps.note(f"[yellow]removed[/] {folder}: a folder of {job.name} from an earlier export, not produced now")
 
 
 def check_options(name, version, max_batch, precision, trt, parity_images, atol) -> None:

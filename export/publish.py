@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -33,6 +34,23 @@ def publish(stage: Path, repo: Path) -> list[Path]:
     """Move each finished model folder into the repo; call only once every check has passed."""
     folders = sorted(p for p in stage.iterdir() if p.is_dir() and not p.name.startswith("."))
     return [replace_folder(folder, repo / folder.name) for folder in folders]
+
+
+def remove_stale(repo: Path, name: str, keep: set[str]) -> list[Path]:
+    """Delete `{name}_d<depth>` and `{name}_d<depth>_trt` folders this export did not produce: left in place,
+    they would serve an earlier checkpoint's weights at some depths. Call only after `publish`."""
+    ours = re.compile(rf"{re.escape(name)}_d[0-9]+(_trt)?")
+    stale = sorted(p for p in repo.iterdir() if p.is_dir() and ours.fullmatch(p.name) and p.name not in keep)
+    for folder in stale:
+        remove_folder(folder)
+    return stale
+
+
+def remove_folder(folder: Path) -> None:
+    """Renamed to a hidden name first, so a reader never sees a half-deleted folder."""
+    aside = folder.with_name(f".old-{folder.name}-{secrets.token_hex(4)}")
+    os.rename(folder, aside)
+    shutil.rmtree(aside)
 
 
 def replace_folder(new: Path, target: Path) -> Path:

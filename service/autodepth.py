@@ -54,14 +54,19 @@ class AutoDepth:
         self._last_seen: float | None = None  # the previous decision's time
 
     def decide(self, forecast: Forecast, now: float, budget_ms: float | None = None) -> Decision | None:
-        """The depth for one request, or None to reject it: even the shallowest depth misses the budget
-        because of the work ahead (an idle device would make it). A budget that even an idle device misses
-        gets the shallowest depth, and the request's deadline, if any, decides."""
+        """The depth for one request, or None to reject it.
+
+        The depth is the deepest that fits the target (or the request's tighter budget), else the shallowest.
+        Rejection is judged against the request's own budget (the target when it has none): only when the
+        shallowest depth misses it because of the work ahead (an idle device would make it). A generous
+        timeout_ms behind a backlog is served shallow rather than refused; a budget that even an idle device
+        misses gets the shallowest depth, and the request's deadline decides."""
         self._follow(forecast, now)
-        budget = self.policy.target_ms if budget_ms is None else min(budget_ms, self.policy.target_ms)
+        own = self.policy.target_ms if budget_ms is None else budget_ms
+        budget = min(own, self.policy.target_ms)
         depth = _deepest(forecast.loaded_ms, budget, (d for d in self.depths if d <= self.current))
         shallowest = self.depths[0]
-        if depth is None and forecast.idle_ms[shallowest] <= budget:
+        if depth is None and forecast.loaded_ms[shallowest] > own >= forecast.idle_ms[shallowest]:
             return None
         depth = depth or shallowest
         unloaded = _deepest(forecast.idle_ms, budget, self.depths) or shallowest

@@ -9,7 +9,7 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.errors import BadRequest, InvalidParameter, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
 MULTIPART = "multipart/form-data"
@@ -112,6 +112,8 @@ async def _collect(form: FormData) -> Body:
                 f"the {IMAGE_FIELD!r} part has no filename, so it arrived as text: send it as a "
                 f"file (curl -F {IMAGE_FIELD}=@photo.jpg)"
             )
+        elif name in body.fields:
+            raise InvalidParameter(f"form field {name!r} given more than once: give each parameter once")
         else:
             body.fields[name] = value
     return body

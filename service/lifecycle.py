@@ -13,8 +13,8 @@ import numpy as np
 from service.autodepth import AutoDepth, Policy
 from service.classifier import Classifier, ServedModel
 from service.device import Device
-from service.errors import NotReady
-from service.metrics import BatchMetrics, Metrics
+from service.errors import NotReady, Overloaded
+from service.metrics import NONE, BatchMetrics, Metrics
 from service.preprocess import Preprocessor
 from service.profile import LatencyProfile, measure_ms, warmup_sizes
 from service.repository import Model, RepositoryError, load_repository
@@ -45,7 +45,8 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.state == READY
+        """Ready only while the batch executor runs: after a crash every request would fail with 500."""
+        return self.state == READY and self.device.batcher.running
 
     async def start(self) -> None:
         """Idempotent: `srvit serve` calls it before uvicorn binds (so a bad repository exits with a plain
@@ -101,8 +102,7 @@ class Service:
     @contextlib.contextmanager
     def request(self) -> Iterator[Classifier]:
         """Admit one classification request and count it until its answer is built, so draining can wait."""
-        if self.state != READY:
-            raise NotReady(f"the server is {self.state}: retry shortly or on another instance")
+        self._admit()
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -111,6 +111,17 @@ class Service:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    def _admit(self) -> None:
+        """Called before the body is read: past max_in_flight, a flood of slow uploads would hold memory and
+        sockets without bound, so the request is refused while it has cost nothing yet."""
+        if self.state != READY:
+            raise NotReady(f"the server is {self.state}: retry shortly or on another instance")
+        if self._in_flight >= self.settings.max_in_flight:
+            self.metrics.rejections.labels(NONE, "in_flight").inc()
+            retry_after_s = self.device.retry_after_s()
+            message = f"{self._in_flight} requests are in progress (max_in_flight): retry in {retry_after_s:.0f} s"
+            raise Overloaded(message, retry_after_s)
 
     # -- shutdown ----------------------------------------------------------------------------------
 

@@ -100,7 +100,7 @@ class Preprocessor:
         with _pillow_errors():
             img = self._open(data)
             img.seek(0)
-            target = _resized_size(img.size, self.resize_size)
+            target = self._resize_target(img.size)
             self._draft(img, target)
             img, target = _load_upright(img, target)
             img = to_channels(img, self.channels, self.background)
@@ -127,6 +127,18 @@ class Preprocessor:
                 f"the image is {w}x{h} = {w * h} pixels; the limit is {self.max_pixels} pixels: send a smaller image"
             )
         return img
+
+    def _resize_target(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The resize keeps the aspect ratio, so a thin image grows along its long side: a 1x4000 strip
+        would become 256x1024000. Bound the resized image by the same pixel limit before any decoding."""
+        target = _resized_size(size, self.resize_size)
+        if target[0] * target[1] > self.max_pixels:
+            raise ImageTooLarge(
+                f"the image is {size[0]}x{size[1]}: its aspect ratio is too extreme, resizing its shorter side to "
+                f"{self.resize_size} would make {target[0]}x{target[1]} = {target[0] * target[1]} pixels; the limit "
+                f"is {self.max_pixels} pixels: crop it closer to square"
+            )
+        return target
 
     def _unidentified(self, data: bytes) -> ServiceError:
         """415 when Pillow's signature table names a format we refuse, else 400: the bytes are not an image."""

@@ -214,14 +214,24 @@ def group(artifacts: list[Artifact]) -> dict[str, Model]:
 
 
 def check_consistent(name: str, artifacts: list[Artifact]) -> None:
-    first = artifacts[0]
+    """Folders left from an earlier export would serve another checkpoint's weights at some depths."""
+    first = shared_values(artifacts[0].manifest)
     for other in artifacts[1:]:
-        differing = [key for key in SHARED if other.manifest[key] != first.manifest[key]]
+        values = shared_values(other.manifest)
+        differing = [key for key in first if values[key] != first[key]]
         if differing:
             raise RepositoryError(
-                f"model {name!r}: {first.folder.name} and {other.folder.name} differ in {differing}; "
-                "export every depth from the same checkpoint (remove the stale folder)"
+                f"model {name!r}: folders {artifacts[0].folder.name} and {other.folder.name} differ in {differing}; "
+                "they come from different exports: re-export all depths from one checkpoint with `srvit export` "
+                "(it removes folders it did not produce)"
             )
+
+
+def shared_values(manifest: dict) -> dict:
+    """The SHARED keys plus the checkpoint, compared by its sha256 (the file may have been renamed)."""
+    checkpoint = manifest.get("checkpoint")
+    sha256 = checkpoint.get("sha256") if isinstance(checkpoint, dict) else None
+    return {**{key: manifest[key] for key in SHARED}, "checkpoint": sha256}
 
 
 def _platforms(folders: list[Artifact]) -> tuple[Artifact, ...]:

@@ -14,7 +14,7 @@ from service.body import IMAGE_FIELD, MULTIPART, RAW_TYPES, read_body
 from service.classifier import RequestContext
 from service.errors import InferenceFailed, InvalidParameter, NotReady, ServiceError
 from service.http_errors import invalid_parameter, request_id
-from service.lifecycle import DRAINING, Service
+from service.lifecycle import DRAINING, READY, Service
 from service.schemas import Classification, Classifications, ClassifyParams, ErrorBody, ModelList, Status
 
 router = APIRouter()
@@ -127,17 +127,19 @@ def depth_info(svc: Service, model, depth: int, latency_ms: dict) -> dict:
 @router.get("/healthz", response_model=Status, summary="Liveness: the process answers and its device loop runs")
 async def healthz(request: Request) -> dict:
     svc = service(request)
-    if svc.ready and not svc.device.batcher.running:
+    if svc.state == READY and not svc.device.batcher.running:
         raise InferenceFailed("the batch executor stopped; restart the server")
     return {"status": "live"}
 
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}},
-            summary="Readiness: 200 once every depth is warmed up; 503 while starting or draining")  # fmt: skip
+            summary="Readiness: 200 once every depth is warmed up and while the batch executor runs; 503 while "
+            "starting or draining, or after the executor stopped")  # fmt: skip
 async def readyz(request: Request) -> dict:
     svc = service(request)
     if not svc.ready:
-        raise NotReady(f"the server is {svc.state}")
+        stopped = svc.state == READY  # ready in name, but its batch executor is gone
+        raise NotReady("the batch executor stopped; restart the server" if stopped else f"the server is {svc.state}")
     return {"status": "ready"}
 
 

@@ -31,8 +31,17 @@ class Settings(BaseSettings):
         5.0, ge=0, description="how long the oldest queued request waits for its batch to fill up"
     )
     max_queue_images: int = Field(256, ge=1, description="images queued per (model, depth) before 503 overloaded")
+    max_in_flight: int = Field(
+        64, ge=1, description="requests admitted at once (receiving, decoding, queued or running) before 503 overloaded"
+    )
     max_images_per_request: int = Field(16, ge=1, description="image parts accepted in one multipart request")
     max_body_bytes: int = Field(16 * MiB, ge=1, description="request body limit, counted while streaming (413)")
+    max_json_body_bytes: int = Field(
+        4 * MiB,
+        ge=1,
+        description="limit for a v2 request's JSON part, parsed into Python objects first (413); "
+        "send bigger tensors with the binary tensor extension",
+    )
     max_pixels: int = Field(40_000_000, ge=1, description="width*height limit, checked before decoding (422)")
     latency_target_ms: float = Field(100.0, gt=0, description="the completion time depth=auto aims for")
     auto_headroom: float = Field(

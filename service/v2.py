@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -16,15 +17,16 @@ from pydantic import ValidationError
 
 from service.body import check_encoding, receive
 from service.classifier import ServedModel
-from service.errors import BadRequest, InvalidParameter, ModelNotFound, NotReady, ServiceError
+from service.errors import BadRequest, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge, ServiceError
 from service.http_errors import request_id
 from service.lifecycle import Service
 from service.schemas import ClassifyParams, Depth
+from service.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-US_PER_MS = 1000
+US_PER_S = 1_000_000
 
 
 def service(request: Request) -> Service:
@@ -99,9 +101,10 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         with svc.request():
             served, fixed_depth = resolve(svc, name, version)
             model_name = served.model.name
-            check_encoding(request.headers)
-            body = await receive(request, svc.settings.max_body_bytes, svc.settings.body_timeout_s)
-            header, images = parse_infer(request.headers, body, served)
+            split = json_length(request.headers)
+            body = await receive_infer(request, svc.settings, split)
+            # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks
+            header, images = await loop.run_in_executor(svc.pool, parse_infer, body, split, served)
             depth, logits = await run(svc, served, header, images, fixed_depth, received_at)
             response = infer_response(header, served, name, depth, logits, request_id(request))
         status = 200
@@ -113,31 +116,100 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         svc.metrics.request(model_name, depth, status, loop.time() - received_at)
 
 
-def parse_infer(headers, body: bytes, served: ServedModel) -> tuple[dict, np.ndarray]:
-    """The JSON header and the one FP32 input as [n, C, H, W], from JSON data or the binary extension."""
-    json_length = headers.get(HEADER_LENGTH)
-    split = int(json_length) if json_length and json_length.isdigit() else len(body)
+def json_length(headers) -> int | None:
+    """The JSON header's length when binary tensors follow it; None when the whole body is JSON."""
+    value = headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {value!r}")
+    return int(value)
+
+
+async def receive_infer(request: Request, s: Settings, split: int | None) -> bytes:
+    """JSON is parsed into Python objects many times its size, so the JSON part has a lower limit than a
+    body of binary tensors."""
+    check_encoding(request.headers)
+    if split is not None:
+        if split > s.max_json_body_bytes:
+            raise _json_too_large(s.max_json_body_bytes)
+        return await receive(request, s.max_body_bytes, s.body_timeout_s)
     try:
-        header = json.loads(body[:split])
-        (tensor,) = header["inputs"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise BadRequest(f"bad inference request ({e}): send one input tensor as the protocol describes") from e
-    return header, _tensor(tensor, body[split:], served)
+        return await receive(request, s.max_json_body_bytes, s.body_timeout_s)
+    except PayloadTooLarge:
+        raise _json_too_large(s.max_json_body_bytes) from None
+
+
+def _json_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"JSON in an inference request is limited to {limit} bytes: send the tensor with the binary tensor "
+        "data extension (binary_data=True in tritonclient)"
+    )
+
+
+def parse_infer(body: bytes, split: int | None, served: ServedModel) -> tuple[dict, np.ndarray]:
+    """The JSON header and the one FP32 input as [n, C, H, W], from JSON data or the binary extension.
+    Runs in the thread pool; every malformed shape of the JSON is a client error, never a 500."""
+    split = len(body) if split is None else split
+    header = parse_header(body[:split])
+    return header, _tensor(header["inputs"][0], body[split:], served)
+
+
+def parse_header(text: bytes) -> dict:
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested arrays
+        raise BadRequest(f"the inference request is not valid JSON ({e})") from e
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    if not (isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict)):
+        raise BadRequest('send one input tensor as the protocol describes: {"inputs": [{"name", "shape", '
+                         '"datatype", "data"}]}')  # fmt: skip
+    _object(header.get("parameters"), '"parameters"')
+    outputs = [] if header.get("outputs") is None else header["outputs"]
+    if not (isinstance(outputs, list) and all(isinstance(o, dict) for o in outputs)):
+        raise BadRequest('"outputs" must be a list of {"name", "parameters"} objects')
+    for output in outputs:
+        _object(output.get("parameters"), "an output's parameters")
+    return header
+
+
+def _object(value, what: str) -> dict:
+    """An optional JSON object: absent or null reads as empty, anything but an object is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _tensor(tensor: dict, binary: bytes, served: ServedModel) -> np.ndarray:
     expected = served.model.manifest["input"]
     shape = tensor.get("shape")
-    if tensor.get("datatype") != "FP32" or not isinstance(shape, list) or len(shape) != 4:
-        raise InvalidParameter(f"input must be FP32 with shape [n, C, H, W], as {expected['shape']}; got {tensor}")
+    if tensor.get("datatype") != "FP32" or not _is_shape(shape):
+        raise InvalidParameter(f"input must be FP32 with shape [n, C, H, W] of integers, as {expected['shape']}; "
+                               f"got datatype {tensor.get('datatype')!r}, shape {shape!r}")  # fmt: skip
     if tensor.get("name") != expected["name"] or list(shape[1:]) != list(expected["shape"][1:]) or shape[0] < 1:
         raise InvalidParameter(f"input must be named {expected['name']!r} with shape {expected['shape']}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    return _tensor_data(tensor, binary, shape)
+
+
+def _tensor_data(tensor: dict, binary: bytes, shape: list[int]) -> np.ndarray:
+    size = _object(tensor.get("parameters"), "the input's parameters").get("binary_data_size")
+    if size is not None and not (_is_int(size) and size >= 0):
+        raise BadRequest(f"binary_data_size must be a byte count, got {size!r}")
     try:
         data = np.frombuffer(binary[:size], "<f4") if size is not None else np.asarray(tensor["data"], np.float32)
         return np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
     except (KeyError, ValueError, TypeError) as e:
         raise BadRequest(f"input data does not fill shape {shape} ({e})") from e
+
+
+def _is_shape(shape) -> bool:
+    return isinstance(shape, list) and len(shape) == 4 and all(map(_is_int, shape))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 async def run(svc: Service, served: ServedModel, header: dict, images: np.ndarray, fixed_depth: int | None,
@@ -146,11 +218,21 @@ async def run(svc: Service, served: ServedModel, header: dict, images: np.ndarra
     params = header.get("parameters") or {}
     requested: Depth = fixed_depth or _depth_param(params.get("depth", served.default_depth))
     svc.classifier.check_depth(served.model, requested)
-    timeout_us = params.get("timeout")
-    deadline = None if not timeout_us else received_at + float(timeout_us) / US_PER_MS / 1000
+    timeout_s = _timeout_s(params.get("timeout"))
+    deadline = None if timeout_s is None else received_at + timeout_s
     depth, _ = svc.classifier.choose_depth(served, requested, False, len(images), deadline)
     rows = await svc.device.batcher.submit((served.model.name, depth), images, deadline)
     return depth, rows["logits"]
+
+
+def _timeout_s(timeout_us) -> float | None:
+    """The reserved `timeout` parameter, in microseconds; absent or 0 means none, as in Triton."""
+    if timeout_us is None:
+        return None
+    number = isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool)
+    if not (number and math.isfinite(timeout_us) and timeout_us >= 0):
+        raise InvalidParameter(f"parameter timeout must be a finite number of microseconds >= 0, got {timeout_us!r}")
+    return timeout_us / US_PER_S or None
 
 
 def _depth_param(value) -> Depth:

@@ -156,6 +156,7 @@ def populated_repo(tiny, tmp_path) -> Path:
     (repo / f"{tiny.name}_d1" / "1").mkdir(parents=True)
     (repo / f"{tiny.name}_d1" / "1" / "model.onnx").write_bytes(b"the model in service")
     (repo / f"{tiny.name}_d1" / "manifest.json").write_text("{}")
+    (repo / f"{tiny.name}_d3_trt").mkdir()  # stale after a successful export without --trt; kept after a failure
     return repo
 
 
@@ -164,7 +165,7 @@ def test_parity_failure_raises_and_publishes_nothing(tiny, tiny_checkpoint, popu
     with pytest.raises(ExportError, match=r"parity failed.*nothing was published"):
         export_checkpoint(tiny_checkpoint, tiny.name, populated_repo, data=None, parity_images=8, atol=0.0)
     assert snapshot(populated_repo) == before
-    assert [p.name for p in populated_repo.iterdir()] == [f"{tiny.name}_d1"]  # no .tmp-* left behind
+    assert sorted(p.name for p in populated_repo.iterdir()) == [f"{tiny.name}_d1", f"{tiny.name}_d3_trt"]
 
 
 def test_failure_at_a_later_depth_publishes_no_earlier_depth(tiny, tiny_checkpoint, populated_repo, monkeypatch):
@@ -180,7 +181,7 @@ def test_failure_at_a_later_depth_publishes_no_earlier_depth(tiny, tiny_checkpoi
     with pytest.raises(ExportError, match="injected"):
         export_checkpoint(tiny_checkpoint, tiny.name, populated_repo, depths=[1, 2], data=None, parity_images=8)
     assert snapshot(populated_repo) == before
-    assert [p.name for p in populated_repo.iterdir()] == [f"{tiny.name}_d1"]
+    assert sorted(p.name for p in populated_repo.iterdir()) == [f"{tiny.name}_d1", f"{tiny.name}_d3_trt"]
 
 
 def test_a_failure_into_a_new_repo_leaves_no_repo(tiny, tiny_checkpoint, tmp_path):
@@ -247,6 +248,22 @@ def test_cli_prints_a_summary_and_returns_0(tiny, tiny_checkpoint, tmp_path, cap
     out = capsys.readouterr().out
     assert "exported" in out and "accuracy" in out and f"{tiny.name}_d3" in out
     assert [p.name for p in repo.iterdir()] == [f"{tiny.name}_d3"]
+
+
+def test_reexport_with_fewer_depths_removes_the_earlier_exports_folders(tiny, tiny_checkpoint, tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    """Left in place, an older checkpoint's depth would be served beside the new ones."""
+    monkeypatch.setenv("COLUMNS", "400")
+    repo = tmp_path / "repo"
+    for stale in (f"{tiny.name}_d2", f"{tiny.name}_d3", f"{tiny.name}_d3_trt", "other_d2"):
+        (repo / stale / "1").mkdir(parents=True)
+    args = cli_args(str(tiny_checkpoint), "--name", tiny.name, "--repo", str(repo), "--depths", "3",
+                    "--parity-images", "8")  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["other_d2", f"{tiny.name}_d3"]
+    assert (repo / f"{tiny.name}_d3" / "manifest.json").is_file()
+    out = capsys.readouterr().out
+    assert f"removed {repo / tiny.name}_d2" in out and f"removed {repo / tiny.name}_d3_trt" in out
 
 
 def test_cli_defaults_and_depth_lists():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from export.publish import publish, replace_folder, staging
+from export.publish import publish, remove_stale, replace_folder, staging
 
 
 def test_staging_is_hidden_inside_the_repo_and_removed_after_an_error(tmp_path):
@@ -37,6 +37,17 @@ def test_publish_moves_every_folder_and_replaces_old_ones(tmp_path):
     assert published == [repo / "m_d1", repo / "m_d2"]
     assert sorted(p.name for p in repo.iterdir()) == ["m_d1", "m_d2"]
     assert [p.name for p in (repo / "m_d1").iterdir()] == ["new.txt"]
+
+
+def test_stale_folders_of_the_model_are_removed_and_nothing_else(tmp_path):
+    names = ["m_d1", "m_d2", "m_d2_trt", "m_d10", "m_d3_trt", "m_dx", "m_d2_old", "mm_d2", "other_d2", ".tmp-m-1"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "m_d3").write_text("a file, not a model folder")
+    removed = remove_stale(tmp_path, "m", keep={"m_d1", "m_d2"})
+    assert removed == [tmp_path / "m_d10", tmp_path / "m_d2_trt", tmp_path / "m_d3_trt"]
+    left = ["m_d1", "m_d2", "m_dx", "m_d2_old", "mm_d2", "other_d2", ".tmp-m-1", "m_d3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(left)  # no .old-* left behind
 
 
 def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sample_images import jpeg, picture, png
+from sample_images import encode, jpeg, picture, png
 
 from service.preprocess import Preprocessor
 from service.runtime import OrtRuntime
@@ -135,6 +135,12 @@ async def test_parameter_given_in_query_and_form_is_refused(serving):
     assert (r.status_code, r.json()["code"]) == (422, "invalid_parameter")
 
 
+async def test_form_field_given_twice_is_refused(serving):
+    async with serving() as (_, client):
+        r = await client.post("/classify", files={"image": ("a.png", png(), "image/png")}, data={"depth": ["1", "3"]})
+    assert (r.status_code, r.json()["code"]) == (422, "invalid_parameter") and "'depth'" in r.json()["error"]
+
+
 async def test_unknown_model_is_404(serving):
     async with serving() as (_, client):
         r = await client.post("/classify", params={"model": "nope"}, **raw(png()))
@@ -169,6 +175,13 @@ async def test_decompression_bomb_is_422_before_decoding(serving):
         big = await client.post("/classify", **raw(png(size=1100)))
     assert (r.status_code, r.json()["code"]) == (422, "image_too_large") and "900000000" in r.json()["error"]
     assert (big.status_code, big.json()["code"]) == (422, "image_too_large")
+
+
+async def test_extreme_aspect_ratio_is_422_image_too_large(serving):
+    strip = encode(picture(1, 0).resize((1, 40_000)), "PNG")  # 40000 pixels, but 8x320000 once resized
+    async with serving(max_pixels=1_000_000) as (_, client):
+        r = await client.post("/classify", **raw(strip))
+    assert (r.status_code, r.json()["code"]) == (422, "image_too_large") and "aspect ratio" in r.json()["error"]
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -219,6 +232,22 @@ async def test_full_queue_is_503_overloaded_with_retry_after(serving, monkeypatc
     assert (refused.status_code, refused.json()["code"]) == (503, "overloaded")
     assert int(refused.headers["retry-after"]) >= 1
     assert [a.status_code for a in answers] == [200, 200, 200]
+
+
+async def test_requests_past_max_in_flight_are_503_before_their_body_is_read(serving):
+    read = []
+
+    async def body():
+        read.append("body")
+        yield png()
+
+    async with serving(max_in_flight=1) as (app, client):
+        with app.state.service.request():  # a request in progress holds the only slot
+            refused = await client.post("/classify", content=body(), headers={"Content-Type": "image/png"})
+        ok = await client.post("/classify", **raw(png()))
+    assert (refused.status_code, refused.json()["code"]) == (503, "overloaded")
+    assert int(refused.headers["retry-after"]) >= 1 and read == []
+    assert ok.status_code == 200
 
 
 async def _until(condition, timeout_s: float = 10) -> None:
@@ -292,6 +321,21 @@ async def test_draining_refuses_new_work_and_readiness_turns_503(serving):
     assert live.status_code == 200
 
 
+async def test_readiness_turns_503_when_the_batch_executor_crashes(serving, monkeypatch):
+    def bug(key):
+        raise RuntimeError("a bug inside the executor loop")
+
+    async with serving() as (app, client):
+        monkeypatch.setattr(app.state.service.device.batcher, "_urgency", bug)
+        failed = await client.post("/classify", **raw(png()))
+        ready = await client.get("/readyz")
+        v2_ready = await client.get("/v2/health/ready")
+        live = await client.get("/healthz")
+    assert (failed.status_code, failed.json()["code"]) == (500, "internal")
+    assert (ready.status_code, ready.json()["code"]) == (503, "not_ready") and "restart" in ready.json()["error"]
+    assert v2_ready.status_code == 503 and live.status_code == 500
+
+
 async def test_client_request_id_is_echoed_when_sane_and_replaced_when_not(serving):
     async with serving() as (_, client):
         sane = await client.post("/classify", headers={"X-Request-ID": "abc-123", "Content-Type": "image/png"},
@@ -336,6 +380,4 @@ async def test_rgb_images_are_converted_for_a_grayscale_model(serving):
 
 
 def _webp() -> bytes:
-    from sample_images import encode
-
     return encode(picture(12, 2, "RGB"), "WEBP")

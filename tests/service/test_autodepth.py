@@ -86,6 +86,14 @@ def test_reject_only_when_the_load_makes_even_depth_one_miss():
     assert a.current == 1
 
 
+def test_a_generous_budget_is_served_shallow_behind_a_backlog_rather_than_refused():
+    a = auto(target_ms=50)
+    decision = a.decide(forecast(backlog_ms=100), now=0.0, budget_ms=5000)  # depth 1 done in 110 ms
+    assert (decision.depth, decision.reason) == (1, OVERLOAD)
+    assert a.decide(forecast(backlog_ms=100), now=0.01) is None  # no budget of its own: the target decides
+    assert a.decide(forecast(backlog_ms=100), now=0.02, budget_ms=60) is None  # 110 ms misses its own 60 ms
+
+
 def test_budget_even_an_idle_device_misses_gets_the_shallowest_depth():
     decision = auto(target_ms=50).decide(forecast(backlog_ms=100), now=0.0, budget_ms=5)
     assert (decision.depth, decision.reason) == (1, LATENCY_TARGET)  # its deadline decides, not a 503

@@ -133,6 +133,22 @@ def test_pixel_limit_message_names_sizes_and_limit():
     assert Preprocessor(PIXELS, max_pixels=10000)(encode(halves(100, 100), "PNG")).shape == (1, 16, 16)
 
 
+def test_extreme_aspect_ratio_is_refused_before_decoding(monkeypatch):
+    """1x40000 is few pixels, but resizing its shorter side to 256 would make 256x10240000 (gigabytes)."""
+    strip = encode(photo(1, 40_000), "PNG")
+
+    def no_decoding(self):
+        raise AssertionError("decoded an image whose resize would not fit")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageTooLarge, match=r"aspect ratio is too extreme.*256x10240000.*limit is 40000000"):
+        Preprocessor(IMAGENET, MAX_PIXELS)(strip)
+
+
+def test_a_thin_image_within_the_limit_after_resizing_is_served():
+    assert Preprocessor(IMAGENET, MAX_PIXELS)(encode(photo(40, 2000), "PNG")).shape == (3, 224, 224)
+
+
 def test_refused_format_is_415_and_its_parser_never_runs(monkeypatch):
     def forbidden(self):
         raise AssertionError("EPS parser ran")

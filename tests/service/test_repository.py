@@ -121,6 +121,14 @@ def test_depths_that_disagree_are_refused(repo_copy):
         load_repository(repo_copy)
 
 
+def test_depths_from_different_checkpoints_are_refused_naming_the_folders(repo_copy):
+    """A re-export with fewer depths used to leave an older checkpoint's folder served beside the new ones."""
+    manifest = json.loads((repo_copy / "tiny_d3" / "manifest.json").read_text())
+    edit_manifest(repo_copy / "tiny_d3", checkpoint={**manifest["checkpoint"], "sha256": "0" * 64})
+    with pytest.raises(RepositoryError, match=r"tiny_d1 and tiny_d3 differ in \['checkpoint'\].*re-export all depths"):
+        load_repository(repo_copy)
+
+
 def test_providers_auto_prefers_tensorrt_then_cuda_then_cpu():
     available = ["CPUExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider"]
     assert choose_providers(["auto"], available) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -1,6 +1,11 @@
-"""The Open Inference Protocol endpoints, spoken by Triton's own Python client against a real `srvit serve`."""
+"""The Open Inference Protocol endpoints: Triton's own Python client against a real `srvit serve`, and malformed
+requests in-process."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -8,6 +13,8 @@ import pytest
 import tritonclient.http as triton
 from server_process import ServerProcess
 from tritonclient.utils import InferenceServerException
+
+from service import v2
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +79,91 @@ def test_errors_reach_the_client_with_their_message(client):
         infer(client, "tiny", np.zeros((1, 1, 4, 4), np.float32))
     with pytest.raises(InferenceServerException, match="depth 7 is not served"):
         infer(client, "tiny", images(1), depth=7)
+
+
+def request_body(n: int = 1, **changes) -> dict:
+    """A JSON-data infer request for the tiny model; `changes` replace top-level keys or, as input_*, the tensor's."""
+    tensor = {"name": "images", "shape": [n, 1, 8, 8], "datatype": "FP32", "data": images(n).ravel().tolist()}
+    tensor |= {k.removeprefix("input_"): v for k, v in changes.items() if k.startswith("input_")}
+    return {"inputs": [tensor], **{k: v for k, v in changes.items() if not k.startswith("input_")}}
+
+
+def binary_request(x: np.ndarray) -> dict:
+    parameters = {"binary_data_size": x.nbytes}
+    header = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": parameters}]}).encode()  # fmt: skip
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    return {"content": header + x.astype("<f4").tobytes(), "headers": headers}
+
+
+BAD, INVALID = (400, "bad_request"), (422, "invalid_parameter")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ({"inputs": [1]}, BAD),
+        ([1], BAD),
+        (request_body(input_shape=[1, 1, 8, "8"]), INVALID),
+        (request_body(input_shape=[1.0, 1, 8, 8]), INVALID),
+        (request_body(input_shape=[True, 1, 8, 8]), INVALID),
+        (request_body(parameters=[]), BAD),
+        (request_body(input_parameters=[1]), BAD),
+        (request_body(input_parameters={"binary_data_size": "x"}), BAD),
+        (request_body(outputs=[1]), BAD),
+        (request_body(outputs=[{"name": "logits", "parameters": [1]}]), BAD),
+        (request_body(parameters={"timeout": "x"}), INVALID),
+        (request_body(parameters={"timeout": float("nan")}), INVALID),
+        (request_body(parameters={"timeout": float("inf")}), INVALID),
+        (request_body(parameters={"timeout": -5}), INVALID),
+        (request_body(parameters={"timeout": True}), INVALID),
+    ],
+)
+async def test_malformed_json_is_a_client_error_never_a_500(serving, body, expected):
+    async with serving() as (_, client):
+        r = await client.post("/v2/models/tiny/infer", content=json.dumps(body))
+    assert (r.status_code, r.json()["code"]) == expected, r.text
+
+
+@pytest.mark.anyio
+async def test_timeout_in_microseconds_is_honoured(serving):
+    async with serving() as (_, client):
+        ok = await client.post("/v2/models/tiny/infer", json=request_body(parameters={"timeout": 30_000_000}))
+        late = await client.post("/v2/models/tiny/infer", json=request_body(parameters={"timeout": 1}))
+    assert ok.status_code == 200
+    assert (late.status_code, late.json()["code"]) == (504, "deadline_exceeded")
+
+
+@pytest.mark.anyio
+async def test_json_tensors_have_a_lower_body_limit_than_binary_ones(serving):
+    x = images(30)  # 7680 bytes as binary, about 40 KB as JSON
+    async with serving(max_json_body_bytes=8192) as (_, client):
+        as_json = await client.post("/v2/models/tiny/infer", json=request_body(30))
+        as_binary = await client.post("/v2/models/tiny/infer", **binary_request(x))
+    assert (as_json.status_code, as_json.json()["code"]) == (413, "payload_too_large")
+    assert "binary" in as_json.json()["error"]
+    assert as_binary.status_code == 200, as_binary.text
+    assert as_binary.json()["outputs"][0]["shape"] == [30, 3]
+
+
+@pytest.mark.anyio
+async def test_health_checks_are_answered_while_a_json_tensor_is_parsed(serving, monkeypatch):
+    entered, gate, released = threading.Event(), threading.Event(), []
+    real = v2.parse_infer
+
+    def slow_parse(*args):
+        entered.set()
+        released.append(gate.wait(3))  # False: nothing could answer a health check meanwhile
+        return real(*args)
+
+    monkeypatch.setattr(v2, "parse_infer", slow_parse)
+    async with serving() as (_, client):
+        infer_task = asyncio.create_task(client.post("/v2/models/tiny/infer", json=request_body()))
+        async with asyncio.timeout(10):
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+        health = await client.get("/v2/health/live")
+        gate.set()
+        answer = await infer_task
+    assert health.status_code == 200 and released == [True] and answer.status_code == 200
