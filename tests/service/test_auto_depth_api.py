@@ -88,5 +88,7 @@ async def test_default_depth_auto_is_a_setting(serving, slowed):
     async with serving(latency_target_ms=27, max_queue_delay_ms=2, default_depth="auto") as (_, client):
         body = (await client.post("/classify", **raw())).json()
         models = (await client.get("/v1/models")).json()["models"][0]
-    assert (body["depth_requested"], body["depth_used"], body["depth_reason"]) == (None, 2, "latency_target")
+    # Depth 3 alone sleeps 30 ms > 27: auto must stay below it; whether 2 fits depends on this machine's load.
+    assert (body["depth_requested"], body["depth_reason"]) == (None, "latency_target")
+    assert body["depth_used"] in (1, 2)
     assert models["default_depth"] == "auto"
