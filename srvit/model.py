@@ -60,11 +60,13 @@ class PatchEmbed(nn.Module):
         d = cfg.embed_dim
         if cfg.stem == "patch":
             self.proj = nn.Conv2d(cfg.in_chans, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        else:  # early convolutions make small ViTs train much faster on small images
+        else:  # early convolutions (with BatchNorm, as in Xiao et al. 2021) make small ViTs train much faster
             self.proj = nn.Sequential(
-                nn.Conv2d(cfg.in_chans, d // 4, kernel_size=3, stride=1, padding=1),
+                nn.Conv2d(cfg.in_chans, d // 4, kernel_size=3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(d // 4),
                 nn.GELU(),
-                nn.Conv2d(d // 4, d // 2, kernel_size=3, stride=2, padding=1),
+                nn.Conv2d(d // 4, d // 2, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(d // 2),
                 nn.GELU(),
                 nn.Conv2d(d // 2, d, kernel_size=3, stride=2, padding=1),
             )

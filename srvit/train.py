@@ -40,10 +40,10 @@ from srvit.train_config import TrainConfig
 class Objective(nn.Module):
     """The loss of one step, as one module so DistributedDataParallel sees one forward per backward."""
 
-    def __init__(self, model: SRViT, label_smoothing: float, any_depth: bool, router_balance: float):
+    def __init__(self, model: SRViT, cfg: TrainConfig, any_depth: bool):
         super().__init__()
-        self.model, self.label_smoothing, self.any_depth = model, label_smoothing, any_depth
-        self.router_balance = router_balance
+        self.model, self.label_smoothing, self.any_depth = model, cfg.label_smoothing, any_depth
+        self.router_balance, self.distill_weight = cfg.router_balance, cfg.distill_weight
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         max_depth = self.model.cfg.max_depth
@@ -56,7 +56,7 @@ class Objective(nn.Module):
             shallow = {1, random.randint(1, max_depth - 1)}  # depth 1 and a random middle depth
             for d in sorted(shallow):
                 student = self.model(images, d).log_softmax(-1)
-                loss = loss + F.kl_div(student, teacher, reduction="batchmean")
+                loss = loss + self.distill_weight * F.kl_div(student, teacher, reduction="batchmean")
         return loss, logits
 
 
@@ -195,7 +195,7 @@ def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: i
     any_depth = epoch >= cfg.epochs
     for p in model.router_parameters():
         p.requires_grad_(not any_depth)
-    objective = Objective(model, cfg.label_smoothing, any_depth, cfg.router_balance)
+    objective = Objective(model, cfg, any_depth)
     if env.world > 1:
         objective = DistributedDataParallel(
             objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None
@@ -217,7 +217,7 @@ def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: i
                 group["lr"] = lr_at(step, epochs * steps_per_epoch, warmup, peak)
             images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
             if small_images:
-                images = D.shift_flip(images, pad=2)
+                images = D.shift_flip(images, pad=cfg.shift_pad)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
                 loss, logits = objective(images, labels)
             optimizer.zero_grad(set_to_none=True)

@@ -12,14 +12,16 @@ class TrainConfig:
         "/usr/share/datasets/fashion-mnist"  # Fashion-MNIST IDX folder, or an ImageFolder root with train/ and val/
     )
     out: str = "runs/srvit_fashion"
-    epochs: int = 7  # phase 1: max depth only
+    epochs: int = 9  # phase 1: max depth only
     any_depth_epochs: int = 2  # phase 2: sandwich rule over all depths, router frozen
-    batch_size: int = 256  # global, split across processes
+    batch_size: int = 128  # global, split across processes
     lr: float = 2e-3
     any_depth_lr: float = 5e-4
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    shift_pad: int = 1  # small images: random translation of up to this many pixels, plus a horizontal flip
+    distill_weight: float = 0.5  # phase 2: weight of each shallow depth's distillation toward max depth
     router_balance: float = 0.1  # weight of the router load-balancing term (phase 1), see SRViT.router_balance_loss
     seed: int = 0
     limit: int | None = None  # use only the first N training images (smoke tests)
