@@ -53,15 +53,19 @@ class AutoDepth:
         self._fits_since: float | None = None  # since when a deeper depth has been comfortable
         self._last_seen: float | None = None  # the previous decision's time
 
-    def decide(self, forecast: Forecast, now: float, budget_ms: float | None = None) -> Decision | None:
+    def decide(self, forecast: Forecast, now: float, budget_ms: float | None = None,
+               probe: Forecast | None = None) -> Decision | None:  # fmt: skip
         """The depth for one request, or None to reject it.
+
+        `probe` is the forecast of a one-image request, which moves the server-wide `current`; it defaults
+        to `forecast`. A request of many images must not make every depth look slow for everyone else.
 
         The depth is the deepest that fits the target (or the request's tighter budget), else the shallowest.
         Rejection is judged against the request's own budget (the target when it has none): only when the
         shallowest depth misses it because of the work ahead (an idle device would make it). A generous
         timeout_ms behind a backlog is served shallow rather than refused; a budget that even an idle device
         misses gets the shallowest depth, and the request's deadline decides."""
-        self._follow(forecast, now)
+        self._follow(probe or forecast, now)
         own = self.policy.target_ms if budget_ms is None else budget_ms
         budget = min(own, self.policy.target_ms)
         depth = _deepest(forecast.loaded_ms, budget, (d for d in self.depths if d <= self.current))

@@ -56,7 +56,7 @@ class Request:
     deadline: float | None  # loop.time() seconds
     future: asyncio.Future
     enqueued_at: float  # loop.time() seconds
-    rank: float  # EDF order: the deadline, or enqueued_at + default_budget_s
+    rank: float  # EDF order: the deadline, or enqueued_at + default_budget_s if that is sooner
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
 
@@ -75,7 +75,8 @@ class Batcher:
       its own request) and its rows are reassembled in order; if any chunk fails, the whole request fails.
     - The executor picks, among keys with a closed batch, the one whose batch holds the earliest deadline.
       A request without a deadline ranks as if due `default_budget_s` after it arrived: among themselves
-      such requests go by arrival, and under sustained deadline traffic they still age into service.
+      such requests go by arrival, and under sustained deadline traffic they still age into service. A
+      deadline later than that ranks the same way, so a generous timeout is never served after none.
     - Deadlines are absolute times on the event loop's clock (`loop.time()`, which is `time.monotonic()`
       on asyncio's default loops). A request fails with DeadlineExceeded the moment its deadline passes,
       even while a long batch runs, and a request whose caller is gone (future cancelled) or whose deadline
@@ -187,7 +188,8 @@ class Batcher:
     def _enqueue(self, key: Key, images: np.ndarray, deadline: float | None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        rank = deadline if deadline is not None else now + self.default_budget_s
+        # A generous deadline must not rank behind requests that named none: those count as due after the budget.
+        rank = now + self.default_budget_s if deadline is None else min(deadline, now + self.default_budget_s)
         req = Request(key, images, deadline, loop.create_future(), now, rank)
         if deadline is not None:
             req.timer = loop.call_at(deadline, self._expire, req)

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import BadRequest, InvalidParameter, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    ClientClosedRequest,
+    InvalidParameter,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
 MULTIPART = "multipart/form-data"
 IMAGE_FIELD = "image"
 MAX_FORM_FIELDS = 8  # depth, top_k, model, timeout_ms, and a little slack for the client's own extras
+
+T = TypeVar("T")
 
 
 class RequestTimeout(ServiceError):
@@ -60,7 +72,7 @@ def check_encoding(headers: Headers) -> None:
 async def receive(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """Counted chunk by chunk, so a lying or missing Content-Length cannot get more than max_bytes in."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if is_byte_count(declared) and int(declared) > max_bytes:
         raise _too_large(int(declared), max_bytes)
     chunks, size = [], 0
     try:
@@ -75,6 +87,30 @@ async def receive(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     except ClientDisconnect:
         raise BadRequest("the client closed the connection before sending the whole body") from None
     return b"".join(chunks)
+
+
+def is_byte_count(value: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts "²", which int() refuses."""
+    return re.fullmatch(r"[0-9]{1,15}", value) is not None
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled if the client goes away first, so a gone client's images leave the queue and the
+    rest of their batch runs without them. Call it once the body has been read."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientClosedRequest("the client closed the connection before the answer was ready")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _too_large(size: int, max_bytes: int) -> PayloadTooLarge:

@@ -85,7 +85,13 @@ class Classifier:
         """Decode every image in the pool; the first bad image fails the request before it reaches a batch."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        tensors = await asyncio.gather(*(loop.run_in_executor(self.pool, preprocessor, data) for data in images))
+        futures = [loop.run_in_executor(self.pool, preprocessor, data) for data in images]
+        try:
+            tensors = await asyncio.gather(*futures)
+        except BaseException:  # a bad image or a gone client: the other decodes must not keep the pool busy
+            for future in futures:
+                future.cancel()
+            raise
         return np.stack(tensors), time.perf_counter() - t0  # [n, C, H, W]
 
     def choose_depth(self, served: ServedModel, requested: Depth, by_default: bool, images: int,
@@ -96,7 +102,8 @@ class Classifier:
         loop_now = asyncio.get_running_loop().time()
         budget_ms = None if deadline is None else (deadline - loop_now) * 1000
         forecast = self.device.forecast(served.model.name, served.model.depths, images)
-        decision = served.auto.decide(forecast, time.monotonic(), budget_ms)
+        probe = forecast if images == 1 else self.device.forecast(served.model.name, served.model.depths, 1)
+        decision = served.auto.decide(forecast, time.monotonic(), budget_ms, probe)
         if decision is None:
             self.metrics.rejections.labels(served.model.name, "auto_overload").inc()
             retry_after_s = self.device.retry_after_s()

@@ -63,6 +63,12 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class ClientClosedRequest(ServiceError):
+    """The client went away before its answer; nobody reads this status, but logs and metrics count it."""
+
+    status, code = 499, "client_closed_request"
+
+
 class InferenceFailed(ServiceError):
     """The graph raised or returned garbage; the cause stays in `__cause__` for the log, not the client."""
 

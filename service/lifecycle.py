@@ -85,6 +85,15 @@ class Service:
         return ServedModel(model, preprocessor, default_depth(s.default_depth, model.depths), auto)
 
     async def _load_depth(self, model: Model, depth: int, profile: LatencyProfile) -> None:
+        """Open and warm one depth; a graph that loads but fails to run stops start-up like a corrupt file."""
+        try:
+            await self._open_and_warm(model, depth, profile)
+        except RepositoryError:
+            raise
+        except Exception as e:  # ONNX Runtime and TensorRT raise their own types
+            raise RepositoryError(f"{model.name} depth {depth}: warm-up failed ({type(e).__name__}: {e})") from e
+
+    async def _open_and_warm(self, model: Model, depth: int, profile: LatencyProfile) -> None:
         s, key = self.settings, (model.name, depth)
         runtime = await self.device.call(open_runtime, model.artifacts[depth], s.providers, s.intra_op_threads)
         limit = min(s.max_batch_size, model.artifacts[depth][0].max_batch_size)

@@ -170,7 +170,12 @@ def verify_file(folder: Path, rel: str, entry: dict) -> None:
         raise RepositoryError(f"{where}: the manifest lists a file outside its model folder; re-export this model")
     if not path.is_file():
         raise RepositoryError(f"{where}: listed in manifest.json but missing; re-export this model")
-    size, digest = path.stat().st_size, sha256_file(path)
+    if not isinstance(entry, dict):
+        raise RepositoryError(f"{where}: its manifest entry must be {{'size_bytes', 'sha256'}}; re-export this model")
+    try:
+        size, digest = path.stat().st_size, sha256_file(path)
+    except OSError as e:
+        raise RepositoryError(f"{where}: cannot be read ({e.strerror}); check the file's permissions") from e
     if size != entry.get("size_bytes") or digest != entry.get("sha256"):
         raise RepositoryError(
             f"{where}: checksum mismatch (size {size}, sha256 {digest[:12]}…; the manifest says size "

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import QueryParams
 
-from service.body import IMAGE_FIELD, MULTIPART, RAW_TYPES, read_body
+from service.body import IMAGE_FIELD, MULTIPART, RAW_TYPES, read_body, unless_disconnected
 from service.classifier import RequestContext
 from service.errors import InferenceFailed, InvalidParameter, NotReady, ServiceError
 from service.http_errors import invalid_parameter, request_id
@@ -67,7 +67,7 @@ async def classify(request: Request) -> JSONResponse:
             s = svc.settings
             body = await read_body(request, s.max_body_bytes, s.body_timeout_s, s.max_images_per_request)
             params = classify_params(request.query_params, body.fields)
-            results = await classifier.classify(params, body.images, ctx)
+            results = await unless_disconnected(request, classifier.classify(params, body.images, ctx))
         status = 200
     except ServiceError as error:
         status = error.status

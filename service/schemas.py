@@ -22,7 +22,9 @@ class ClassifyParams(BaseModel):
     )
     top_k: int | None = Field(None, ge=1, description="predictions to return (at most the number of labels)")
     model: str | None = Field(None, description="model name; optional when the server serves one model")
-    timeout_ms: float | None = Field(None, gt=0, description="deadline from receipt; 504 when it passes")
+    timeout_ms: float | None = Field(
+        None, gt=0, le=3_600_000, allow_inf_nan=False, description="deadline from receipt; 504 when it passes"
+    )
 
 
 class Prediction(BaseModel):

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from service.body import check_encoding, receive
+from service.body import check_encoding, is_byte_count, receive, unless_disconnected
 from service.classifier import ServedModel
 from service.errors import BadRequest, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge, ServiceError
 from service.http_errors import request_id
@@ -27,6 +26,7 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 US_PER_S = 1_000_000
+MAX_TIMEOUT_US = 3600 * US_PER_S  # an hour: longer is a mistake, and huge integers would overflow float math
 
 
 def service(request: Request) -> Service:
@@ -105,7 +105,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
             body = await receive_infer(request, svc.settings, split)
             # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks
             header, images = await loop.run_in_executor(svc.pool, parse_infer, body, split, served)
-            depth, logits = await run(svc, served, header, images, fixed_depth, received_at)
+            work = run(svc, served, header, images, fixed_depth, received_at)
+            depth, logits = await unless_disconnected(request, work)
             response = infer_response(header, served, name, depth, logits, request_id(request))
         status = 200
         return response
@@ -121,7 +122,7 @@ def json_length(headers) -> int | None:
     value = headers.get(HEADER_LENGTH)
     if value is None:
         return None
-    if not value.isdigit():
+    if not is_byte_count(value):
         raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {value!r}")
     return int(value)
 
@@ -169,6 +170,8 @@ def parse_header(text: bytes) -> dict:
     if not (isinstance(outputs, list) and all(isinstance(o, dict) for o in outputs)):
         raise BadRequest('"outputs" must be a list of {"name", "parameters"} objects')
     for output in outputs:
+        if not isinstance(output.get("name"), str):
+            raise BadRequest(f'every requested output needs a "name" string, got {output.get("name")!r}')
         _object(output.get("parameters"), "an output's parameters")
     return header
 
@@ -199,9 +202,12 @@ def _tensor_data(tensor: dict, binary: bytes, shape: list[int]) -> np.ndarray:
         raise BadRequest(f"binary_data_size must be a byte count, got {size!r}")
     try:
         data = np.frombuffer(binary[:size], "<f4") if size is not None else np.asarray(tensor["data"], np.float32)
-        return np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
-    except (KeyError, ValueError, TypeError) as e:
+        data = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
+    except (KeyError, ValueError, TypeError, OverflowError) as e:
         raise BadRequest(f"input data does not fill shape {shape} ({e})") from e
+    if not np.isfinite(data).all():  # inf or NaN would come back as NaN logits, which JSON cannot carry
+        raise BadRequest("input data must be finite numbers (no NaN or infinity)")
+    return data
 
 
 def _is_shape(shape) -> bool:
@@ -230,8 +236,10 @@ def _timeout_s(timeout_us) -> float | None:
     if timeout_us is None:
         return None
     number = isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool)
-    if not (number and math.isfinite(timeout_us) and timeout_us >= 0):
-        raise InvalidParameter(f"parameter timeout must be a finite number of microseconds >= 0, got {timeout_us!r}")
+    if not (number and 0 <= timeout_us <= MAX_TIMEOUT_US):  # NaN fails both comparisons
+        raise InvalidParameter(
+            f"parameter timeout must be a number of microseconds from 0 to {MAX_TIMEOUT_US}, got {timeout_us!r}"
+        )
     return timeout_us / US_PER_S or None
 
 

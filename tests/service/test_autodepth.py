@@ -103,3 +103,11 @@ def test_only_served_depths_are_chosen():
     a = AutoDepth([1, 3], Policy(25))
     f = Forecast({1: 10, 3: 30}, {1: 10, 3: 30})
     assert a.decide(f, now=0.0).depth == 1
+
+
+def test_one_request_of_many_images_does_not_pull_the_server_wide_depth_down():
+    a = auto()
+    many = Forecast({d: 8 * ms for d, ms in COST_MS.items()}, {d: 8 * ms for d, ms in COST_MS.items()})
+    own = a.decide(many, now=0.0, probe=forecast())  # 8 images alone take 80 ms at depth 1: nothing fits
+    assert own.depth == 1 and a.current == 3
+    assert a.decide(forecast(), now=0.1).depth == 3  # the next one-image request is not dragged down

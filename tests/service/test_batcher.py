@@ -262,21 +262,21 @@ async def test_full_queue_refuses_at_once_counting_images_per_key():
 
 
 @run
-async def test_earliest_deadline_first_across_keys_and_arrival_order_without_deadline():
+async def test_earliest_deadline_first_across_keys_and_a_generous_deadline_ranks_as_no_deadline():
     device = Device(hold=True)
     keys = [("m", d) for d in range(1, 5)]
     async with batcher(device, max_queue_delay_ms=0, default_budget_s=5) as b:
         blocker = await hold_device(b, device, key=("other", 1))
         now = asyncio.get_running_loop().time()
         futures = [
-            b.submit(keys[0], images(10), deadline=now + 9),
-            b.submit(keys[1], images(20)),  # ranks as now + 5
-            b.submit(keys[2], images(30)),  # ranks just after, by arrival
+            b.submit(keys[0], images(10), deadline=now + 9),  # later than the budget: ranks as now + 5
+            b.submit(keys[1], images(20)),  # ranks as now + 5, just after, by arrival
+            b.submit(keys[2], images(30)),  # and just after that
             b.submit(keys[3], images(40), deadline=now + 2),
         ]
         device.gate.set()
         await asyncio.gather(blocker, *futures)
-    assert [batch for _, batch in device.batches] == [[99], [40], [20], [30], [10]]
+    assert [batch for _, batch in device.batches] == [[99], [40], [10], [20], [30]]
 
 
 @run

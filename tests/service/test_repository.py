@@ -152,3 +152,22 @@ async def test_graph_that_onnxruntime_cannot_load_fails_start_up(serving, repo_c
     with pytest.raises(RepositoryError, match="ONNX Runtime cannot load it"):
         async with serving(repo=repo_copy):
             pass
+
+
+def test_a_file_entry_that_is_not_an_object_is_refused(repo_copy):
+    files = json.loads((repo_copy / "tiny_d1" / "manifest.json").read_text())["files"]
+    edit_manifest(repo_copy / "tiny_d1", files={**files, "1/model.onnx": "sha256:abc"})
+    with pytest.raises(RepositoryError, match=r"tiny_d1/1/model.onnx: its manifest entry must be"):
+        load_repository(repo_copy)
+
+
+async def test_graph_that_loads_but_fails_to_run_fails_start_up(serving, monkeypatch):
+    import service.lifecycle
+
+    def broken_warm_up(*args):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code")
+
+    monkeypatch.setattr(service.lifecycle, "warm_up", broken_warm_up)
+    with pytest.raises(RepositoryError, match=r"tiny depth \d: warm-up failed \(RuntimeError: .*RUNTIME_EXCEPTION"):
+        async with serving():
+            pass

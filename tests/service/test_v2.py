@@ -118,6 +118,10 @@ BAD, INVALID = (400, "bad_request"), (422, "invalid_parameter")
         (request_body(parameters={"timeout": float("inf")}), INVALID),
         (request_body(parameters={"timeout": -5}), INVALID),
         (request_body(parameters={"timeout": True}), INVALID),
+        (request_body(parameters={"timeout": 10**400}), INVALID),  # too big for a float
+        (request_body(outputs=[{"name": ["logits"]}]), BAD),
+        (request_body(input_data=[10**400] * 64), BAD),  # too big for a float
+        (request_body(input_data=[1e40] * 64), BAD),  # infinity as float32: NaN logits, which JSON cannot carry
     ],
 )
 async def test_malformed_json_is_a_client_error_never_a_500(serving, body, expected):
@@ -167,3 +171,14 @@ async def test_health_checks_are_answered_while_a_json_tensor_is_parsed(serving,
         gate.set()
         answer = await infer_task
     assert health.status_code == 200 and released == [True] and answer.status_code == 200
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("length", [b"\xb2", b"1" * 5000, b"-1", b"1.5"])  # b"\xb2" reads as "²" (latin-1)
+async def test_a_header_length_that_is_not_ascii_digits_is_a_400(serving, length):
+    x = images(1)
+    request = binary_request(x)
+    request["headers"]["Inference-Header-Content-Length"] = length
+    async with serving() as (_, client):
+        r = await client.post("/v2/models/tiny/infer", **request)
+    assert (r.status_code, r.json()["code"]) == BAD, r.text
