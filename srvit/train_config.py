@@ -12,7 +12,7 @@ class TrainConfig:
         "/usr/share/datasets/fashion-mnist"  # Fashion-MNIST IDX folder, or an ImageFolder root with train/ and val/
     )
     out: str = "runs/srvit_fashion"
-    epochs: int = 9  # phase 1: max depth only
+    epochs: int = 11  # phase 1: max depth only
     any_depth_epochs: int = 2  # phase 2: sandwich rule over all depths, router frozen
     batch_size: int = 128  # global, split across processes
     lr: float = 2e-3
