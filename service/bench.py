@@ -356,7 +356,7 @@ def mean_batch(before: str, after: str, model: str, depth: int) -> float | None:
 
 # Only what differs from the server's defaults is set; the defaults themselves are recorded from Settings.
 BATCHING = {"on": {}, "off": {"SRVIT_MAX_BATCH_SIZE": "1"}}
-SERVER_SETTINGS = ("max_batch_size", "max_queue_delay_ms", "max_queue_images", "intra_op_threads",
+SERVER_SETTINGS = ("max_batch_size", "max_queue_delay_ms", "max_queue_images", "intra_op_threads", "intra_op_spinning",
                    "preprocess_threads", "providers", "log_level")  # fmt: skip
 
 
@@ -440,7 +440,7 @@ def raw_throughput(artifacts, batch: int, seconds: float) -> dict:
     settings = Settings()
     artifact = next(a for a in artifacts if a.platform == "onnxruntime_onnx")
     providers = choose_providers(settings.providers, ort.get_available_providers())
-    runtime = OrtRuntime(artifact, providers, settings.intra_op_threads)
+    runtime = OrtRuntime(artifact, providers, settings.intra_op_threads, settings.intra_op_spinning)
     images = np.random.default_rng(0).standard_normal((batch, *artifact.manifest["input"]["shape"][1:]), np.float32)
     for _ in range(3):
         runtime.run(images)

@@ -95,8 +95,9 @@ class Service:
 
     async def _open_and_warm(self, model: Model, depth: int, profile: LatencyProfile) -> None:
         s, key = self.settings, (model.name, depth)
-        runtime = await self.device.call(open_runtime, model.artifacts[depth], s.providers, s.intra_op_threads)
-        limit = min(s.max_batch_size, model.artifacts[depth][0].max_batch_size)
+        artifacts = model.artifacts[depth]
+        runtime = await self.device.call(open_runtime, artifacts, s.providers, s.intra_op_threads, s.intra_op_spinning)
+        limit = min(s.max_batch_size, artifacts[0].max_batch_size)
         self.device.add(key, runtime, limit, profile)  # added first, so a failed warm-up still closes it
         shape = tuple(model.manifest["input"]["shape"][1:])
         for batch in warmup_sizes(s.warmup_batch_sizes, limit):

@@ -49,11 +49,13 @@ def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list
 class OrtRuntime:
     """An InferenceSession tuned for one caller at a time: parallelism inside the operator, not across calls."""
 
-    def __init__(self, artifact: Artifact, providers: list[str], intra_op_threads: int = 0):
+    def __init__(self, artifact: Artifact, providers: list[str], intra_op_threads: int = 0, spinning: bool = False):
         self.input_name = artifact.manifest["input"]["name"]
         self.output_name = artifact.manifest["output"]["name"]
         try:
-            self.session = ort.InferenceSession(str(artifact.path), _session_options(intra_op_threads), providers)
+            self.session = ort.InferenceSession(
+                str(artifact.path), _session_options(intra_op_threads, spinning), providers
+            )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise RepositoryError(f"{artifact.path}: ONNX Runtime cannot load it ({e}); re-export this model") from e
         self._check_signature(artifact)
@@ -75,9 +77,10 @@ class OrtRuntime:
         self.session = None
 
 
-def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+def _session_options(intra_op_threads: int, spinning: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -95,7 +98,9 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
-def open_runtime(artifacts: Sequence[Artifact], providers: Sequence[str], intra_op_threads: int = 0) -> Runtime:
+def open_runtime(
+    artifacts: Sequence[Artifact], providers: Sequence[str], intra_op_threads: int = 0, spinning: bool = False
+) -> Runtime:
     """The depth's TensorRT engine when it can run here and TensorRT is wanted, else its ONNX graph."""
     engine = next((a for a in artifacts if a.platform == "tensorrt_plan"), None)
     graph = next((a for a in artifacts if a.platform == "onnxruntime_onnx"), None)
@@ -112,7 +117,7 @@ def open_runtime(artifacts: Sequence[Artifact], providers: Sequence[str], intra_
         )
     if engine is not None:
         log.warning("%s: serving the ONNX graph instead of the TensorRT engine: %s", graph.folder.name, why_not)
-    return OrtRuntime(graph, choose_providers(providers, ort.get_available_providers()), intra_op_threads)
+    return OrtRuntime(graph, choose_providers(providers, ort.get_available_providers()), intra_op_threads, spinning)
 
 
 def _engine_unusable(engine: Artifact) -> str | None:

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         "auto = TensorRT, CUDA, CPU as available",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: ONNX Runtime's choice)")
+    intra_op_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's idle intra-op threads spin for the next call (lower latency on cores of "
+        "their own; off by default: spinning threads take CPU from decoding and HTTP on a shared machine)",
+    )
     preprocess_threads: int = Field(2, ge=1, description="threads decoding images off the event loop")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time allowed for queued and running work")
     body_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive a request body (408)")

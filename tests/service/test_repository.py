@@ -171,3 +171,12 @@ async def test_graph_that_loads_but_fails_to_run_fails_start_up(serving, monkeyp
     with pytest.raises(RepositoryError, match=r"tiny depth \d: warm-up failed \(RuntimeError: .*RUNTIME_EXCEPTION"):
         async with serving():
             pass
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_intra_op_spinning_setting_reaches_the_session(tiny_repo, spinning):
+    from service.runtime import open_runtime
+
+    runtime = open_runtime(load_repository(tiny_repo)["tiny"].artifacts[1], ("cpu",), 1, spinning)
+    options = runtime.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
