@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from srvit.evaluate import count_parameters
+from srvit.evaluate import count_parameters, gflops
 from srvit.model import SRViT, SRViTConfig
 from srvit.registry import create_model, list_models, model_config
 
@@ -93,6 +93,13 @@ def test_small_matches_the_papers_parameter_budget():
     routing = sum(p.numel() for n, p in model.named_parameters() if ".router." in n or n.endswith("step_embed"))
     assert count_parameters(model) - routing == 22_050_664  # DeiT-S exactly
     assert 23.4e6 <= count_parameters(model) <= 24.0e6  # paper: about +1.7M at depth 4
+
+
+def test_gflops_count_attention_and_grow_with_depth():
+    model = create_model("srvit_small_patch16_224").eval()
+    # DeiT-S is 4.6 GMACs at 224 px; at depth 1 the router is skipped, so SR-ViT-S costs the same.
+    assert gflops(model, 1) == pytest.approx(2 * 4.6, rel=0.02)
+    assert gflops(model, 4) > 4 * gflops(model, 1)  # four block passes plus the router
 
 
 def test_unknown_variant_and_bad_config_say_what_is_wrong():
