@@ -51,7 +51,7 @@ def require(result: dict, what: str, atol: float | None, min_agreement: float) -
         raise ExportError(
             f"{what}: parity failed: max |Δlogit| = {diff:.3g}, top-1 agreement = {agree:.2%} "
             f"(needed {limit}agreement >= {min_agreement:.1%}); nothing was published. "
-            "Look for an op the exporter translated differently, or raise --atol if the gap is float rounding."
+            "Look for an op the exporter translated differently."
         )
 
 

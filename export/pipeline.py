@@ -25,6 +25,7 @@ from srvit.model import SRViT
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder, a Triton model and a metric label
 PRECISIONS = ("fp32", "fp16")
+MAX_ATOL = 1e-4  # the parity gate of ONNX Runtime vs PyTorch: --atol may tighten it, never loosen it
 STEPS_PER_DEPTH, TRT_STEPS_PER_DEPTH = 4, 3
 
 
@@ -96,7 +97,7 @@ def check_options(name, version, max_batch, precision, trt, parity_images, atol)
         (precision not in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {precision!r}"),
         (precision != "fp32" and not trt, "--precision fp16 applies to TensorRT engines: add --trt or drop it"),
         (parity_images < 1, f"parity needs at least one image, got {parity_images}"),
-        (not atol >= 0, f"--atol must be >= 0, got {atol}"),
+        (not 0 <= atol <= MAX_ATOL, f"--atol may tighten the parity gate, not loosen it: 0..{MAX_ATOL}, got {atol}"),
     ]
     for bad, message in problems:
         if bad:
@@ -159,7 +160,7 @@ def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
         checks.require(result, f"depth {depth}, ONNX Runtime vs PyTorch", job.atol, 1.0)
     with steps.step(f"d{depth}: top-1 accuracy with ONNX Runtime {_on(job.samples)}"):
         accuracy = heldout_accuracy(run, job)
-    write_folder(job, folder, depth, "onnxruntime_onnx", _parity(job, "pytorch", result), accuracy)
+    write_folder(job, folder, depth, "onnxruntime_onnx", _parity(job, "pytorch", result, job.atol), accuracy)
     rows = [_row(job, folder, depth, "onnxruntime_onnx", result, accuracy, t0)]
     if job.tensorrt is not None:
         rows.append(export_engine(job, depth, model_path, ort_logits, stage, steps))
@@ -182,7 +183,15 @@ def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path
         with steps.step(f"d{depth}: top-1 accuracy with TensorRT {_on(job.samples)}"):
             accuracy = heldout_accuracy(run, job)
     engine_info = {**job.tensorrt, "precision": job.precision, "profile": trt.profile(job.max_batch)}
-    write_folder(job, folder, depth, "tensorrt_plan", _parity(job, "onnxruntime", result), accuracy, engine_info)
+    write_folder(
+        job,
+        folder,
+        depth,
+        "tensorrt_plan",
+        _parity(job, "onnxruntime", result, trt.PARITY[job.precision][0]),
+        accuracy,
+        engine_info,
+    )
     return _row(job, folder, depth, "tensorrt_plan", result, accuracy, t0)
 
 
@@ -212,8 +221,9 @@ def write_folder(job: Job, folder: Path, depth: int, platform: str, parity: dict
     write_manifest(folder, manifest)
 
 
-def _parity(job: Job, reference: str, result: dict) -> dict:
-    return {"reference": reference, "images": len(job.samples.parity), "source": job.samples.source, **result}
+def _parity(job: Job, reference: str, result: dict, atol: float | None) -> dict:
+    samples = job.samples
+    return {"reference": reference, "images": len(samples.parity), "source": samples.source, "atol": atol, **result}
 
 
 def _row(job: Job, folder: Path, depth: int, platform: str, result: dict, accuracy: dict | None, t0: float) -> dict:

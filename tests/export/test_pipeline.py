@@ -89,7 +89,7 @@ def test_parity_is_within_tolerance_and_says_the_inputs_were_random(exported, ti
         m = read_manifest(repo, tiny.name, depth)
         parity = m["parity"]
         assert parity["reference"] == "pytorch" and parity["images"] == 64 and "random" in parity["source"]
-        assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
+        assert parity["max_abs_diff"] <= parity["atol"] == 1e-4 and parity["top1_agreement"] == 1.0
         assert m["accuracy"] is None  # no held-out data: recorded as such, not invented
         assert row["max_abs_diff"] == parity["max_abs_diff"] and row["accuracy"] is None
         assert row["file"] == str(onnx_path(repo, tiny.name, depth))
@@ -160,10 +160,22 @@ def populated_repo(tiny, tmp_path) -> Path:
     return repo
 
 
-def test_parity_failure_raises_and_publishes_nothing(tiny, tiny_checkpoint, populated_repo):
+def drifting_reference(monkeypatch, drift: float = 1e-3) -> None:
+    """PyTorch's logits moved by `drift`, as if the graph computed something else: parity must catch it."""
+    real = pipeline.checks.torch_runner
+
+    def runner(model, depth):
+        run = real(model, depth)
+        return lambda images: run(images) + np.float32(drift)
+
+    monkeypatch.setattr(pipeline.checks, "torch_runner", runner)
+
+
+def test_parity_failure_raises_and_publishes_nothing(tiny, tiny_checkpoint, populated_repo, monkeypatch):
     before = snapshot(populated_repo)
-    with pytest.raises(ExportError, match=r"parity failed.*nothing was published"):
-        export_checkpoint(tiny_checkpoint, tiny.name, populated_repo, data=None, parity_images=8, atol=0.0)
+    drifting_reference(monkeypatch)
+    with pytest.raises(ExportError, match=r"parity failed: max \|Δlogit\| = 0.001.*nothing was published"):
+        export_checkpoint(tiny_checkpoint, tiny.name, populated_repo, data=None, parity_images=8)
     assert snapshot(populated_repo) == before
     assert sorted(p.name for p in populated_repo.iterdir()) == [f"{tiny.name}_d1", f"{tiny.name}_d3_trt"]
 
@@ -184,9 +196,10 @@ def test_failure_at_a_later_depth_publishes_no_earlier_depth(tiny, tiny_checkpoi
     assert sorted(p.name for p in populated_repo.iterdir()) == [f"{tiny.name}_d1", f"{tiny.name}_d3_trt"]
 
 
-def test_a_failure_into_a_new_repo_leaves_no_repo(tiny, tiny_checkpoint, tmp_path):
+def test_a_failure_into_a_new_repo_leaves_no_repo(tiny, tiny_checkpoint, tmp_path, monkeypatch):
+    drifting_reference(monkeypatch)
     with pytest.raises(ExportError):
-        export_checkpoint(tiny_checkpoint, tiny.name, tmp_path / "new_repo", depths=[1], data=None, atol=0.0)
+        export_checkpoint(tiny_checkpoint, tiny.name, tmp_path / "new_repo", depths=[1], data=None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -207,6 +220,7 @@ def test_pickled_checkpoints_are_refused(tiny, tmp_path, suffix):
         ({"precision": "fp16"}, "add --trt"),
         ({"max_batch": 0}, "--max-batch"),
         ({"atol": float("nan")}, "--atol"),
+        ({"atol": 1e-3}, "not loosen it"),
     ],
 )
 def test_bad_requests_are_refused_naming_the_option(tiny, tiny_checkpoint, tmp_path, kwargs, message):
