@@ -57,7 +57,8 @@ def export_checkpoint(
     parity_images: int = 256, atol: float = 1e-4, console: Console | None = None,
 ) -> list[dict]:  # fmt: skip
     """Export every requested depth into `repo`, or raise ExportError and publish nothing. On success, the
-    model's folders this export did not produce (other depths, or engines not rebuilt) are removed.
+    model's folders this export did not produce that hold another checkpoint (other depths, or engines not
+    rebuilt) are removed.
 
     Returns one row per published model folder: model, depth, platform, file, size_bytes,
     max_abs_diff, top1_agreement, accuracy (top-1 or None), seconds.
@@ -83,7 +84,7 @@ def publish_all(job: Job, stage: Path, steps: Steps, folders: int) -> None:
     """Every checked folder into the repo, then the model's folders this export did not produce out of it."""
     with steps.step(f"publish {folders} model folder(s) into {job.repo}"):
         published = publish(stage, job.repo)
-        removed = remove_stale(job.repo, job.name, {p.name for p in published})
+        removed = remove_stale(job.repo, job.name, {p.name for p in published}, job.checkpoint["sha256"])
     for folder in removed:
         steps.note(f"[yellow]removed[/] {folder}: a folder of {job.name} from an earlier export, not produced now")
 

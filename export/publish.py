@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -36,14 +37,27 @@ def publish(stage: Path, repo: Path) -> list[Path]:
     return [replace_folder(folder, repo / folder.name) for folder in folders]
 
 
-def remove_stale(repo: Path, name: str, keep: set[str]) -> list[Path]:
-    """Delete `{name}_d<depth>` and `{name}_d<depth>_trt` folders this export did not produce: left in place,
-    they would serve an earlier checkpoint's weights at some depths. Call only after `publish`."""
+def remove_stale(repo: Path, name: str, keep: set[str], checkpoint_sha256: str) -> list[Path]:
+    """Delete `{name}_d<depth>` and `{name}_d<depth>_trt` folders this export did not produce and that hold
+    another checkpoint (or no readable manifest): left in place, they would serve other weights at some depths.
+    Folders of the same checkpoint stay, so `--depths 2` re-exports one depth without losing the others.
+    Call only after `publish`."""
     ours = re.compile(rf"{re.escape(name)}_d[0-9]+(_trt)?")
-    stale = sorted(p for p in repo.iterdir() if p.is_dir() and ours.fullmatch(p.name) and p.name not in keep)
+    stale = sorted(
+        p
+        for p in repo.iterdir()
+        if p.is_dir() and ours.fullmatch(p.name) and p.name not in keep and _checkpoint_of(p) != checkpoint_sha256
+    )
     for folder in stale:
         remove_folder(folder)
     return stale
+
+
+def _checkpoint_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())["checkpoint"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def remove_folder(folder: Path) -> None:

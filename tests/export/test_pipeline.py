@@ -264,8 +264,8 @@ def test_cli_prints_a_summary_and_returns_0(tiny, tiny_checkpoint, tmp_path, cap
     assert [p.name for p in repo.iterdir()] == [f"{tiny.name}_d3"]
 
 
-def test_reexport_with_fewer_depths_removes_the_earlier_exports_folders(tiny, tiny_checkpoint, tmp_path, capsys,
-                                                                        monkeypatch):  # fmt: skip
+def test_reexport_with_fewer_depths_removes_other_checkpoints_folders(tiny, tiny_checkpoint, tmp_path, capsys,
+                                                                       monkeypatch):  # fmt: skip
     """Left in place, an older checkpoint's depth would be served beside the new ones."""
     monkeypatch.setenv("COLUMNS", "400")
     repo = tmp_path / "repo"
@@ -278,6 +278,15 @@ def test_reexport_with_fewer_depths_removes_the_earlier_exports_folders(tiny, ti
     assert (repo / f"{tiny.name}_d3" / "manifest.json").is_file()
     out = capsys.readouterr().out
     assert f"removed {repo / tiny.name}_d2" in out and f"removed {repo / tiny.name}_d3_trt" in out
+
+
+def test_reexporting_one_depth_keeps_the_other_depths_of_the_same_checkpoint(tiny, tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    export_checkpoint(tiny_checkpoint, tiny.name, repo, depths=[1, 2], data=None, parity_images=8)
+    kept = snapshot(repo / f"{tiny.name}_d1")
+    export_checkpoint(tiny_checkpoint, tiny.name, repo, depths=[2], data=None, parity_images=8)
+    assert sorted(p.name for p in repo.iterdir()) == [f"{tiny.name}_d1", f"{tiny.name}_d2"]
+    assert snapshot(repo / f"{tiny.name}_d1") == kept
 
 
 def test_cli_defaults_and_depth_lists():

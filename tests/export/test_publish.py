@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -44,9 +45,13 @@ def test_stale_folders_of_the_model_are_removed_and_nothing_else(tmp_path):
     for name in names:
         (tmp_path / name).mkdir()
     (tmp_path / "m_d3").write_text("a file, not a model folder")
-    removed = remove_stale(tmp_path, "m", keep={"m_d1", "m_d2"})
-    assert removed == [tmp_path / "m_d10", tmp_path / "m_d2_trt", tmp_path / "m_d3_trt"]
-    left = ["m_d1", "m_d2", "m_dx", "m_d2_old", "mm_d2", "other_d2", ".tmp-m-1", "m_d3"]
+    (tmp_path / "m_d4").mkdir()  # the same checkpoint: still valid beside the new folders
+    (tmp_path / "m_d4" / "manifest.json").write_text(json.dumps({"checkpoint": {"sha256": "abc"}}))
+    (tmp_path / "m_d5").mkdir()  # another checkpoint
+    (tmp_path / "m_d5" / "manifest.json").write_text(json.dumps({"checkpoint": {"sha256": "old"}}))
+    removed = remove_stale(tmp_path, "m", keep={"m_d1", "m_d2"}, checkpoint_sha256="abc")
+    assert removed == [tmp_path / "m_d10", tmp_path / "m_d2_trt", tmp_path / "m_d3_trt", tmp_path / "m_d5"]
+    left = ["m_d1", "m_d2", "m_dx", "m_d2_old", "mm_d2", "other_d2", ".tmp-m-1", "m_d3", "m_d4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(left)  # no .old-* left behind
 
 
