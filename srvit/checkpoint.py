@@ -65,9 +65,15 @@ def read_metadata(path: Path) -> dict:
         raw = (f.metadata() or {}).get("srvit")
     if raw is None:
         raise CheckpointError(f"{path}: no 'srvit' metadata; not an srvit checkpoint")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its 'srvit' metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: its metadata has no model 'config'; re-save it with srvit")
     return meta
 
 

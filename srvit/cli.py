@@ -43,9 +43,14 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
+    from srvit.checkpoint import CheckpointError
     from srvit.report import eval_report, print_eval_table
 
-    report = eval_report(args.checkpoint, args.data, args.limit)
+    try:
+        report = eval_report(args.checkpoint, args.data, args.limit)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"srvit eval: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -108,9 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     if getattr(args, "missing", None):
-        print(f"srvit {args.command}: {args.missing}; install the extras: pip install -e '.[export]'", file=sys.stderr)
-        return 2
-    return args.func(args)
+        return _missing_extras(args.command, args.missing)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as e:  # train and eval import torch only when they run
+        return _missing_extras(args.command, str(e))
+
+
+def _missing_extras(command: str, why: str) -> int:
+    print(f"srvit {command}: {why}; install the extras: pip install -e '.[export]'", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

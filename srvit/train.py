@@ -95,6 +95,8 @@ def build_data(cfg: TrainConfig, in_chans: int, img_size: int) -> tuple[Dataset,
         labels, name = train.classes, f"imagefolder:{root}"
         if cfg.limit:
             train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
+        if cfg.eval_limit:  # the per-epoch evaluation runs on rank 0 only: keep it short on a big val/
+            test = torch.utils.data.Subset(test, range(min(cfg.eval_limit, len(test))))
     return train, test, {"labels": labels, "preprocessing": pre.to_dict(), "dataset": name}
 
 

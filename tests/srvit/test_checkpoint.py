@@ -65,3 +65,27 @@ def test_a_plain_safetensors_file_is_not_taken_for_a_checkpoint(tmp_path):
     save_file({"w": torch.zeros(1)}, str(path))
     with pytest.raises(CheckpointError, match="not an srvit checkpoint"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("srvit_meta", "message"),
+    [
+        ("{not json", "not JSON"),
+        ('["a list"]', "format 'list'"),
+        ('{"format": "srvit-checkpoint/1"}', "no model 'config'"),
+    ],
+)
+def test_damaged_metadata_is_named(tmp_path, srvit_meta, message):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"srvit": srvit_meta})
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_srvit_eval_answers_a_bad_checkpoint_with_a_message_not_a_traceback(tmp_path, capsys):
+    from srvit.cli import main
+
+    path = tmp_path / "model.pt"
+    torch.save({"x": torch.zeros(1)}, path)
+    assert main(["eval", str(path)]) == 2
+    assert "srvit eval:" in capsys.readouterr().err
