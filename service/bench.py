@@ -360,6 +360,12 @@ SERVER_SETTINGS = ("max_batch_size", "max_queue_delay_ms", "max_queue_images", "
                    "preprocess_threads", "providers", "log_level")  # fmt: skip
 
 
+def caller_settings() -> dict[str, str]:
+    """The SRVIT_* variables the matrix was started with: its servers run with them, as its raw ONNX Runtime
+    runs and its recorded server settings do, so `SRVIT_MAX_QUEUE_DELAY_MS=0 srvit bench matrix` measures that."""
+    return {k: v for k, v in os.environ.items() if k.startswith("SRVIT_")}
+
+
 def run_matrix(args: argparse.Namespace) -> int:
     from service.repository import load_repository
 
@@ -395,7 +401,7 @@ def _pick_model(models: dict, name: str | None):
 def server_runs(args, model, pngs, batching: str, env: dict, depths: list[int]) -> list[dict]:
     """Closed-loop runs at every concurrency and depth on one server, with its batches and CPU time per run."""
     rows = []
-    with served(args.repo, env, args.server_cpus) as server:
+    with served(args.repo, caller_settings() | env, args.server_cpus) as server:
         for depth in depths:
             target = Target(server.url, str(depth), model.name)
             for concurrency in args.concurrency:
@@ -457,7 +463,7 @@ def auto_runs(args, model, pngs, rows: list[dict]) -> list[dict]:
     """An open-loop rate the deepest depth cannot sustain, once with depth=auto and once at max depth."""
     capacity = max(r["images_per_s"] for r in rows if r["batching"] == "on" and r["depth"] == str(model.max_depth))
     rate = args.overload * capacity
-    env = {"SRVIT_LATENCY_TARGET_MS": f"{args.latency_target_ms:g}"}
+    env = caller_settings() | {"SRVIT_LATENCY_TARGET_MS": f"{args.latency_target_ms:g}"}
     out = []
     with served(args.repo, env, args.server_cpus) as server:
         for depth in ("auto", str(model.max_depth)):

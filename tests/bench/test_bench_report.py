@@ -70,3 +70,25 @@ def test_report_is_standard_json_and_a_markdown_table(tmp_path):
     assert "| on | 1 | 32 | 100.0 | 5.0 | - | 7.5 | 1.20 | 0 |" in md
     assert "| 1 | 8 | 400.0 | 100.0 | 0.25 |" in md
     assert "| auto | 150.0 | 100.0 | 5.0 | 8.0 | - | d1:50% d4:50% | 503:3 | 2.0 |" in md
+
+
+def test_matrix_servers_run_with_the_callers_srvit_settings(monkeypatch):
+    """What the report records as the server's settings (read from the environment) is what its servers ran."""
+    import contextlib
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("SRVIT_MAX_QUEUE_DELAY_MS", "0")
+    monkeypatch.setenv("UNRELATED", "x")
+    seen = {}
+
+    @contextlib.contextmanager
+    def fake_served(repo, env, cpus=None):
+        seen.update(env)
+        raise RuntimeError("stop before any load")
+        yield
+
+    monkeypatch.setattr(bench, "served", fake_served)
+    args = SimpleNamespace(repo="model_repo", server_cpus=None)
+    with pytest.raises(RuntimeError, match="stop before any load"):
+        bench.server_runs(args, None, [], "off", {"SRVIT_MAX_BATCH_SIZE": "1"}, [1])
+    assert seen == {"SRVIT_MAX_QUEUE_DELAY_MS": "0", "SRVIT_MAX_BATCH_SIZE": "1"}
