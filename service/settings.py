@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, description="largest batch formed; capped by each manifest's own limit")
     max_queue_delay_ms: float = Field(
-        5.0, ge=0, description="how long the oldest queued request waits for its batch to fill up"
+        0.0,
+        ge=0,
+        description="how long the oldest queued request waits for its batch to fill up (0: batches are what "
+        "queued while the device was busy, as Triton's default; docs/benchmarks.md measures 0 against 5)",
     )
     max_queue_images: int = Field(256, ge=1, description="images queued per (model, depth) before 503 overloaded")
     max_in_flight: int = Field(

@@ -72,8 +72,6 @@ def read_metadata(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r}")
-    if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{path}: its metadata has no model 'config'; re-save it with srvit")
     return meta
 
 
@@ -96,6 +94,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
 def load_checkpoint(path: Path, device: str = "cpu") -> tuple[SRViT, dict]:
     """The model (eval mode) and its metadata."""
     meta = read_metadata(path)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: its metadata has no model 'config'; re-save it with srvit")
     model = SRViT(SRViTConfig.from_dict(meta["config"]))
     state = load_file(str(path), device=device)
     check_state_dict(model, state, str(path))

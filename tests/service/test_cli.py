@@ -36,7 +36,7 @@ def test_defaults_without_flags_or_environment(monkeypatch):
         monkeypatch.delenv(f"SRVIT_{name.upper()}", raising=False)
     s = settings_from(parse())
     assert (str(s.repo), s.host, s.port, s.default_depth, s.max_queue_delay_ms) == ("model_repo", "127.0.0.1", 8000,
-                                                                                     None, 5.0)  # fmt: skip
+                                                                                     None, 0.0)  # fmt: skip
 
 
 def test_bad_setting_exits_2_with_the_reason(capsys):
