@@ -1,6 +1,6 @@
 """Does simplifying the exported graphs pay? The exported graph vs onnxslim's vs ONNX Runtime's offline-optimized one.
 
-Every variant runs the way the server runs it (ONNX Runtime CPU, ORT_ENABLE_ALL at load), in one process, one
+Every variant runs the way the server runs it (ONNX Runtime CPU, the server's session options), in one process, one
 after the other, on the same real test images; parity is against the exported graph. Needs `pip install onnxslim`.
 
     python benchmarks/graph_optimization.py --repo model_repo --model srvit_fashion --out docs/benchmarks
@@ -18,21 +18,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from service.runtime import session_options
 from srvit.data import FASHION_MNIST_DIR, fashion_mnist_dataset
 
 
 def session(path: Path, threads: int) -> tuple[ort.InferenceSession, float]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     t0 = time.perf_counter()
-    s = ort.InferenceSession(str(path), options, ["CPUExecutionProvider"])
+    s = ort.InferenceSession(str(path), session_options(threads, spinning=False), ["CPUExecutionProvider"])
     return s, time.perf_counter() - t0
 
 
 def offline_optimized(src: Path, dst: Path) -> Path:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = session_options(0, spinning=False)
     options.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), options, ["CPUExecutionProvider"])
     return dst

@@ -54,7 +54,7 @@ class OrtRuntime:
         self.output_name = artifact.manifest["output"]["name"]
         try:
             self.session = ort.InferenceSession(
-                str(artifact.path), _session_options(intra_op_threads, spinning), providers
+                str(artifact.path), session_options(intra_op_threads, spinning), providers
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise RepositoryError(f"{artifact.path}: ONNX Runtime cannot load it ({e}); re-export this model") from e
@@ -77,7 +77,8 @@ class OrtRuntime:
         self.session = None
 
 
-def _session_options(intra_op_threads: int, spinning: bool) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, spinning: bool) -> ort.SessionOptions:
+    """How `srvit serve` opens every graph (also what benchmarks use, to measure what the server runs)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
