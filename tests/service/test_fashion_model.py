@@ -31,8 +31,7 @@ def _has_fashion_model() -> bool:
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
-    if not _has_fashion_model():
-        pytest.skip("model_repo/ has no srvit_fashion model yet")
+    assert _has_fashion_model(), "model_repo/ must hold the embedded srvit_fashion (srvit export, see README)"
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
     images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "test")
