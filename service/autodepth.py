@@ -26,10 +26,10 @@ class Policy:
 
 @dataclass(frozen=True)
 class Forecast:
-    """Predicted completion time (ms from now) of one request at each served depth."""
+    """Predicted completion time of one request at each served depth, in ms since it arrived."""
 
-    loaded_ms: Mapping[int, float]  # behind the work queued and running on the device now
-    idle_ms: Mapping[int, float]  # on an idle device: what the depth itself costs
+    loaded_ms: Mapping[int, float]  # the time already spent, then the work queued and running on the device now
+    idle_ms: Mapping[int, float]  # on an idle device, had it not waited: what the depth itself costs
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,9 @@ class AutoDepth:
                probe: Forecast | None = None) -> Decision | None:  # fmt: skip
         """The depth for one request, or None to reject it.
 
-        `probe` is the forecast of a one-image request, which moves the server-wide `current`; it defaults
-        to `forecast`. A request of many images must not make every depth look slow for everyone else.
+        `probe` is the forecast of a typical request (one image, the usual wait so far), which moves the
+        server-wide `current`; it defaults to `forecast`. A request of many images, or one slow to decode,
+        must not make every depth look slow for everyone else.
 
         The depth is the deepest that fits the target (or the request's tighter budget), else the shallowest.
         Rejection is judged against the request's own budget (the target when it has none): only when the

@@ -18,6 +18,7 @@ from service.repository import Model
 from service.schemas import ClassifyParams, Depth
 
 REQUESTED, DEFAULT = "requested", "default"
+PRE_QUEUE_SMOOTHING = 0.1  # weight of each request in the moving average of time spent before the queue
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Classifier:
                  default_top_k: int):  # fmt: skip
         self.served, self.device, self.pool, self.metrics = served, device, pool, metrics
         self.default_top_k = default_top_k
+        self.pre_queue_ms = 0.0  # moving average of the time requests spend before the device queue
 
     async def classify(self, params: ClassifyParams, images: list[bytes], ctx: RequestContext) -> list[dict]:
         served = self.resolve(params.model)
@@ -58,7 +60,9 @@ class Classifier:
         top_k = min(params.top_k or self.default_top_k, len(served.model.labels))
         deadline = None if params.timeout_ms is None else ctx.received_at + params.timeout_ms / 1000
         tensors, preprocess_s = await self.preprocess(served.preprocessor, images)
-        depth, reason = self.choose_depth(served, requested, params.depth is None, len(images), deadline)
+        depth, reason = self.choose_depth(
+            served, requested, params.depth is None, len(images), ctx.received_at, deadline
+        )
         ctx.depth = depth
         self.metrics.preprocess_seconds.labels(served.model.name, str(depth)).observe(preprocess_s)
         queued_at = asyncio.get_running_loop().time()
@@ -95,14 +99,20 @@ class Classifier:
         return np.stack(tensors), time.perf_counter() - t0  # [n, C, H, W]
 
     def choose_depth(self, served: ServedModel, requested: Depth, by_default: bool, images: int,
-                     deadline: float | None) -> tuple[int, str]:  # fmt: skip
-        """An explicit depth is used exactly (the batcher may still refuse it); auto asks the AutoDepth."""
+                     received_at: float, deadline: float | None) -> tuple[int, str]:  # fmt: skip
+        """An explicit depth is used exactly (the batcher may still refuse it); auto asks the AutoDepth.
+
+        Times count from the request's arrival (loop time `received_at`), as the latency target does: the
+        request's own time spent so far narrows its own choice, while the server-wide auto depth follows the
+        moving average of that time over all requests, so one slow decode does not move it."""
+        spent_ms = (asyncio.get_running_loop().time() - received_at) * 1000
+        self.pre_queue_ms += PRE_QUEUE_SMOOTHING * (spent_ms - self.pre_queue_ms)
         if requested != "auto":
             return requested, DEFAULT if by_default else REQUESTED
-        loop_now = asyncio.get_running_loop().time()
-        budget_ms = None if deadline is None else (deadline - loop_now) * 1000
-        forecast = self.device.forecast(served.model.name, served.model.depths, images)
-        probe = forecast if images == 1 else self.device.forecast(served.model.name, served.model.depths, 1)
+        budget_ms = None if deadline is None else (deadline - received_at) * 1000
+        name, depths = served.model.name, served.model.depths
+        forecast = self.device.forecast(name, depths, images, spent_ms)
+        probe = self.device.forecast(name, depths, 1, self.pre_queue_ms)
         decision = served.auto.decide(forecast, time.monotonic(), budget_ms, probe)
         if decision is None:
             self.metrics.rejections.labels(served.model.name, "auto_overload").inc()

@@ -95,11 +95,13 @@ class Device:
         elapsed_ms = (asyncio.get_running_loop().time() - running.started) * 1000
         return max(0.0, self.cost_ms(running.key, running.size) - elapsed_ms)
 
-    def forecast(self, model: str, depths: list[int], images: int) -> Forecast:
-        """Completion time of a request at each depth, queued now vs on an idle device; the batch window
-        counts as waiting because a request alone waits it out."""
+    def forecast(self, model: str, depths: list[int], images: int, spent_ms: float = 0.0) -> Forecast:
+        """Completion time of a request at each depth, counted from its arrival `spent_ms` ago: queued now,
+        vs its own cost on an idle device. The time spent before the device queue (waiting for the event loop
+        and the decoding pool) counts: when those back up, the device queue can stay short while requests
+        are already late. The batch window counts as waiting because a request alone waits it out."""
         delay = self.max_queue_delay_ms
-        loaded = {d: delay + self.backlog_ms((model, d), images) for d in depths}
+        loaded = {d: spent_ms + delay + self.backlog_ms((model, d), images) for d in depths}
         idle = {d: delay + self.cost_ms((model, d), images) for d in depths}
         return Forecast(loaded, idle)
 

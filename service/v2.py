@@ -226,7 +226,7 @@ async def run(svc: Service, served: ServedModel, header: dict, images: np.ndarra
     svc.classifier.check_depth(served.model, requested)
     timeout_s = _timeout_s(params.get("timeout"))
     deadline = None if timeout_s is None else received_at + timeout_s
-    depth, _ = svc.classifier.choose_depth(served, requested, False, len(images), deadline)
+    depth, _ = svc.classifier.choose_depth(served, requested, False, len(images), received_at, deadline)
     rows = await svc.device.batcher.submit((served.model.name, depth), images, deadline)
     return depth, rows["logits"]
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -180,6 +181,8 @@ def train(cfg: TrainConfig) -> Path:
             save_training_state(out / "last.safetensors", model, optimizer, {**state, "train_config": asdict(cfg)})
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if epoch + 1 == cfg.epochs:  # keep phase 1's end: phase 2 can be rerun from it (copy to last.safetensors)
+                shutil.copyfile(out / "last.safetensors", out / "phase1.safetensors")
     if env.main:
         final = {"labels": meta["labels"], "preprocessing": meta["preprocessing"], "model": cfg.model}
         final["training"] = {**asdict(cfg), "dataset": meta["dataset"], "train_seconds": round(state["train_seconds"])}
@@ -218,7 +221,7 @@ def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: i
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, epochs * steps_per_epoch, warmup, peak)
             images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
-            if small_images:
+            if small_images and cfg.augment:
                 images = D.shift_flip(images, pad=cfg.shift_pad)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
                 loss, logits = objective(images, labels)

@@ -9,6 +9,7 @@ import pytest
 from sample_images import png
 
 import service.lifecycle
+import service.preprocess
 
 pytestmark = pytest.mark.anyio
 
@@ -47,8 +48,8 @@ def raw(**params) -> dict:
 
 
 async def test_target_alone_picks_a_shallower_depth_on_an_idle_server(serving, slowed):
-    slowed(10)  # depth 1, 2, 3: 10, 20, 30 ms per image, plus a 2 ms batch window
-    async with serving(latency_target_ms=27, max_queue_delay_ms=2) as (_, client):
+    slowed(20)  # depth 1, 2, 3: 20, 40, 60 ms per image, plus a 2 ms batch window
+    async with serving(latency_target_ms=55, max_queue_delay_ms=2) as (_, client):
         body = (await client.post("/classify", **raw(depth="auto"))).json()
     assert (body["depth_requested"], body["depth_used"], body["depth_reason"]) == ("auto", 2, "latency_target")
 
@@ -84,11 +85,33 @@ async def _until_deepest(client, timeout_s: float = 10.0) -> dict:
 
 
 async def test_default_depth_auto_is_a_setting(serving, slowed):
-    slowed(10)
-    async with serving(latency_target_ms=27, max_queue_delay_ms=2, default_depth="auto") as (_, client):
+    slowed(20)
+    async with serving(latency_target_ms=55, max_queue_delay_ms=2, default_depth="auto") as (_, client):
         body = (await client.post("/classify", **raw())).json()
         models = (await client.get("/v1/models")).json()["models"][0]
-    # Depth 3 alone sleeps 30 ms > 27: auto must stay below it; whether 2 fits depends on this machine's load.
+    # Depth 3 alone sleeps 60 ms > 55: auto must stay below it; whether 2 fits depends on this machine's load.
     assert (body["depth_requested"], body["depth_reason"]) == (None, "latency_target")
     assert body["depth_used"] in (1, 2)
     assert models["default_depth"] == "auto"
+
+
+async def test_time_spent_before_the_device_queue_counts_toward_the_target(serving, slowed, monkeypatch):
+    """Backed-up decoding leaves the device queue empty while a request is already late: it is served shallower,
+    but one slow request does not move the server-wide auto depth."""
+    slowed(10)  # an idle device: depth 1, 2, 3 take 10, 20, 30 ms, plus a 2 ms batch window
+    settings = {"latency_target_ms": 100, "max_queue_delay_ms": 2, "auto_step_up_hold_s": 60}
+    async with serving(**settings) as (_, client):
+        fast = (await client.post("/classify", **raw(depth="auto"))).json()
+        decode = service.preprocess.Preprocessor.__call__
+
+        def slow_decode(self, data):
+            time.sleep(0.07)  # 70 ms before the queue: depth 3 (70 + 32 ms) would miss 100 ms
+            return decode(self, data)
+
+        monkeypatch.setattr(service.preprocess.Preprocessor, "__call__", slow_decode)
+        late = (await client.post("/classify", **raw(depth="auto"))).json()
+        model = (await client.get("/v1/models")).json()["models"][0]
+    assert (fast["depth_used"], fast["depth_reason"]) == (3, "latency_target")
+    assert late["depth_used"] < 3 and late["depth_reason"] == "overload"
+    assert late["timing_ms"]["total"] >= 70
+    assert model["auto_depth"] == 3

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,21 @@ def test_training_resumes_from_the_last_epoch(tmp_path):
     h = history(tmp_path)
     assert [r["epoch"] for r in h] == [1, 2], "epoch 1 must not run twice"
     assert h[0] == first[0]
+
+
+def test_phase_two_reruns_from_the_kept_end_of_phase_one(tmp_path):
+    train(small(tmp_path / "a", epochs=1, any_depth_epochs=1))
+    (tmp_path / "b").mkdir()
+    shutil.copyfile(tmp_path / "a" / "phase1.safetensors", tmp_path / "b" / "last.safetensors")
+    train(small(tmp_path / "b", epochs=1, any_depth_epochs=1, any_depth_lr=1e-4))
+    a, b = load_training_history(tmp_path / "a"), load_training_history(tmp_path / "b")
+    assert [r["phase"] for r in b] == ["max-depth", "any-depth"]
+    assert b[0] == a[0], "phase 1 must not run again"
+    assert b[1]["train_loss"] != a[1]["train_loss"], "phase 2 ran with its own learning rate"
+
+
+def load_training_history(out: Path) -> list[dict]:
+    return load_checkpoint(out / "model.safetensors")[1]["training"]["history"]
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
