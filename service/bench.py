@@ -537,7 +537,7 @@ def setup_facts(args, model) -> dict:
         },
         "duration_s": args.duration,
         "warmup_s": args.warmup,
-        "load_generator": "httpx.AsyncClient, one process; closed loop = N workers each with one request in "
+        "load_generator": "aiohttp.ClientSession, one process; closed loop = N workers each with one request in "
         "flight; open loop = evenly spaced sends, latency from when a request was due",
         "images": "Fashion-MNIST test images 0..999, PNG-encoded once before the runs",
     }
