@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 LATENCY_TARGET, OVERLOAD = "latency_target", "overload"
+MAX_HOLD_BACKOFF = 8  # the step-up hold grows to at most this many times step_up_hold_s
+RECENT_SMOOTHING = 0.1  # weight of each answered request in the moving average of measured latency
 
 
 @dataclass(frozen=True)
@@ -15,13 +17,25 @@ class Policy:
     A depth is *comfortable* while the work queued ahead uses at most `1 - headroom` of its slack (the target
     minus the depth's own time). Stepping down as soon as the current depth is no longer comfortable, rather
     than when it stops fitting at all, leaves room for a burst to be served at shallower depths instead of
-    being refused. A step up needs the deeper depth comfortable for `step_up_hold_s`: a step down is cheap to
-    undo, a step up into a queue that is still draining is not.
+    being refused.
+
+    The server-wide depth moves one served depth at a time: down at most once per `step_down_every_s`, up
+    after the next deeper depth has stayed comfortable for `step_up_hold_s` (a step down is cheap to undo, a
+    step up into a queue that is still draining is not). A step up that has to be undone within its hold
+    doubles the next hold (up to 8x), so a load a deeper depth cannot sustain is probed less and less often.
+    Under a steady overload the depth settles around the deepest one that keeps up, instead of swinging
+    between the shallowest (which drains the queue) and the deepest (which fills it again).
     """
 
     target_ms: float
     headroom: float = 0.2
     step_up_hold_s: float = 2.0
+
+    @property
+    def step_down_every_s(self) -> float:
+        """headroom * target: a queue growing twice as fast as the device drains it (a 2x overload) fills the
+        headroom in this time, so a step down must not wait longer than that for the last one to show."""
+        return self.headroom * self.target_ms / 1000
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,17 @@ class AutoDepth:
         self.policy = policy
         self.current = self.depths[-1]
         self._fits_since: float | None = None  # since when a deeper depth has been comfortable
+        self._stepped_down: float | None = None  # when the last step down happened
+        self._stepped_up: float | None = None  # when the last step up happened, until it has held
+        self._hold_s = policy.step_up_hold_s  # doubles after each step up that had to be undone
         self._last_seen: float | None = None  # the previous decision's time
+        self.recent_ms = 0.0  # moving average of the measured latency of answered requests
+
+    def observe(self, latency_ms: float) -> None:
+        """An answered request's measured latency, arrival to answer. On a CPU server, decoding and HTTP share
+        the cores with inference and slow it in ways the device forecast cannot see; the measured latency
+        shows them, a few requests late."""
+        self.recent_ms += RECENT_SMOOTHING * (latency_ms - self.recent_ms)
 
     def decide(self, forecast: Forecast, now: float, budget_ms: float | None = None,
                probe: Forecast | None = None) -> Decision | None:  # fmt: skip
@@ -78,17 +102,32 @@ class AutoDepth:
         return Decision(depth, OVERLOAD if depth < unloaded else LATENCY_TARGET, forecast.loaded_ms[depth])
 
     def _follow(self, forecast: Forecast, now: float) -> None:
-        """Step down at once to the deepest comfortable depth; step up only after the hold or a quiet spell."""
+        """One depth down when the current one is uncomfortable (at most once per step_down_every_s), one up after
+        the hold; straight to the deepest comfortable depth after a quiet spell (nothing queued to protect)."""
         comfortable = [d for d in self.depths if self._comfortable(forecast, d)]
         best = max(comfortable, default=self.depths[0])
         quiet = self._last_seen is None or now - self._last_seen >= self.policy.step_up_hold_s
         self._last_seen = now
-        if best <= self.current:
+        at = self.depths.index(self.current)
+        if not quiet and self.recent_ms > (1 - self.policy.headroom) * self.policy.target_ms:
+            best = min(best, self.depths[max(at - 1, 0)])  # answers are coming late: the forecast is optimistic
+        if quiet or (self._stepped_up is not None and now - self._stepped_up >= self._hold_s):
+            self._hold_s, self._stepped_up = self.policy.step_up_hold_s, None  # the last step up held
+        if quiet:
             self.current, self._fits_since = best, None
-            return
-        self._fits_since = now if self._fits_since is None else self._fits_since
-        if quiet or now - self._fits_since >= self.policy.step_up_hold_s:
-            self.current, self._fits_since = best, None
+        elif best < self.current:
+            self._fits_since = None
+            if self._stepped_down is None or now - self._stepped_down >= self.policy.step_down_every_s:
+                if self._stepped_up is not None:  # a step up undone: probe less often while the load lasts
+                    self._hold_s = min(2 * self._hold_s, MAX_HOLD_BACKOFF * self.policy.step_up_hold_s)
+                self.current, self._stepped_down, self._stepped_up = self.depths[at - 1], now, None
+        elif best > self.current:
+            self._fits_since = now if self._fits_since is None else self._fits_since
+            if now - self._fits_since >= self._hold_s:
+                self.current, self._stepped_up = self.depths[at + 1], now
+                self._fits_since = now if best > self.current else None  # the next step's hold starts now
+        else:
+            self._fits_since = None
 
     def _comfortable(self, forecast: Forecast, depth: int) -> bool:
         own = forecast.idle_ms[depth]

@@ -68,7 +68,9 @@ class Classifier:
         queued_at = asyncio.get_running_loop().time()
         rows = await self.device.batcher.submit((served.model.name, depth), tensors, deadline)
         meta = {"depth_requested": params.depth, "depth_used": depth, "depth_reason": reason}
-        return self.answers(served.model, rows, top_k, meta, queued_at, ctx)
+        answers = self.answers(served.model, rows, top_k, meta, queued_at, ctx)
+        served.auto.observe(answers[0]["timing_ms"]["total"])
+        return answers
 
     def resolve(self, name: str | None) -> ServedModel:
         if name is None:

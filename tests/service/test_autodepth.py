@@ -33,13 +33,26 @@ def test_load_pushes_the_depth_down_at_once_with_reason_overload():
     assert (decision.depth, decision.reason) == (1, OVERLOAD) and a.current == 1
 
 
-def test_step_up_waits_for_the_hold_with_margin():
+def test_step_up_waits_for_the_hold_with_margin_one_depth_at_a_time():
     a = auto(hold_s=1.0)
     a.decide(forecast(backlog_ms=35), now=0.0)
     assert a.decide(forecast(), now=0.1).depth == 1  # fits now, but only just seen
     assert a.decide(forecast(), now=0.6).depth == 1
-    decision = a.decide(forecast(), now=1.2)
+    assert a.decide(forecast(), now=1.2).depth == 2
+    assert a.decide(forecast(), now=1.7).depth == 2  # the next step needs its own hold
+    decision = a.decide(forecast(), now=2.25)
     assert (decision.depth, decision.reason) == (3, LATENCY_TARGET)
+
+
+def test_under_load_the_server_wide_depth_steps_down_one_depth_at_a_time():
+    a = auto(target_ms=50)  # one step down per 0.2 * 50 ms = 10 ms at most
+    a.decide(forecast(), now=0.0)
+    first = a.decide(forecast(backlog_ms=35), now=0.100)  # only depth 1 is comfortable
+    assert a.current == 2 and (first.depth, first.reason) == (1, OVERLOAD)  # this request: the depth that fits
+    a.decide(forecast(backlog_ms=35), now=0.105)
+    assert a.current == 2, "the last step has not had 10 ms to show"
+    a.decide(forecast(backlog_ms=35), now=0.111)
+    assert a.current == 1
 
 
 def test_auto_steps_down_before_the_target_is_reached_to_leave_room_for_a_burst():
@@ -63,7 +76,7 @@ def test_a_miss_during_the_hold_restarts_it():
     a.decide(forecast(backlog_ms=35), now=0.5)  # load is back
     assert a.decide(forecast(), now=1.15).depth == 1  # the hold counts from 1.15, not 0.1
     assert a.decide(forecast(), now=1.7).depth == 1
-    assert a.decide(forecast(), now=2.2).depth == 3
+    assert a.decide(forecast(), now=2.2).depth == 2
 
 
 def test_after_a_quiet_spell_the_next_request_goes_back_up_at_once():
@@ -111,3 +124,23 @@ def test_one_request_of_many_images_does_not_pull_the_server_wide_depth_down():
     own = a.decide(many, now=0.0, probe=forecast())  # 8 images alone take 80 ms at depth 1: nothing fits
     assert own.depth == 1 and a.current == 3
     assert a.decide(forecast(), now=0.1).depth == 3  # the next one-image request is not dragged down
+
+
+def test_a_step_up_that_must_be_undone_doubles_the_next_hold():
+    a = auto(hold_s=1.0)
+
+    def ask(t0: float, t1: float, backlog_ms: float = 0.0) -> None:  # a request every 0.1 s: never quiet
+        for i in range(round((t1 - t0) * 10) + 1):
+            a.decide(forecast(backlog_ms), now=t0 + i / 10)
+
+    ask(0.0, 0.0, backlog_ms=35)  # depth 1
+    ask(0.1, 1.1)
+    assert a.current == 2
+    ask(1.2, 1.2, backlog_ms=35)  # the deeper depth could not keep up
+    assert a.current == 1
+    ask(1.3, 2.5)
+    assert a.current == 1, "the hold is now 2 s"
+    ask(2.6, 3.4)
+    assert a.current == 2
+    ask(3.5, 5.5)  # held for its 2 s: the hold is back to 1 s
+    assert a.current == 3
