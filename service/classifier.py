@@ -69,7 +69,7 @@ class Classifier:
         rows = await self.device.batcher.submit((served.model.name, depth), tensors, deadline)
         meta = {"depth_requested": params.depth, "depth_used": depth, "depth_reason": reason}
         answers = self.answers(served.model, rows, top_k, meta, queued_at, ctx)
-        served.auto.observe(answers[0]["timing_ms"]["total"])
+        served.auto.observe(depth, answers[0]["timing_ms"]["total"])
         return answers
 
     def resolve(self, name: str | None) -> ServedModel:

@@ -103,7 +103,7 @@ class Device:
         delay = self.max_queue_delay_ms
         loaded = {d: spent_ms + delay + self.backlog_ms((model, d), images) for d in depths}
         idle = {d: delay + self.cost_ms((model, d), images) for d in depths}
-        return Forecast(loaded, idle)
+        return Forecast(loaded, idle, spent_ms)
 
     def retry_after_s(self) -> float:
         """Whole seconds until the work queued now is done; the Retry-After of an overloaded answer."""

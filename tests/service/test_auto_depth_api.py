@@ -48,8 +48,8 @@ def raw(**params) -> dict:
 
 
 async def test_target_alone_picks_a_shallower_depth_on_an_idle_server(serving, slowed):
-    slowed(20)  # depth 1, 2, 3: 20, 40, 60 ms per image, plus a 2 ms batch window
-    async with serving(latency_target_ms=55, max_queue_delay_ms=2) as (_, client):
+    slowed(20)  # depth 1, 2, 3: 20, 40, 60 ms per image, plus a 2 ms batch window: depth 2 fits with 18 ms spare
+    async with serving(latency_target_ms=60, max_queue_delay_ms=2) as (_, client):
         body = (await client.post("/classify", **raw(depth="auto"))).json()
     assert (body["depth_requested"], body["depth_used"], body["depth_reason"]) == ("auto", 2, "latency_target")
 
@@ -86,12 +86,11 @@ async def _until_deepest(client, timeout_s: float = 10.0) -> dict:
 
 async def test_default_depth_auto_is_a_setting(serving, slowed):
     slowed(20)
-    async with serving(latency_target_ms=55, max_queue_delay_ms=2, default_depth="auto") as (_, client):
+    async with serving(latency_target_ms=60, max_queue_delay_ms=2, default_depth="auto") as (_, client):
         body = (await client.post("/classify", **raw())).json()
         models = (await client.get("/v1/models")).json()["models"][0]
-    # Depth 3 alone sleeps 60 ms > 55: auto must stay below it; whether 2 fits depends on this machine's load.
-    assert (body["depth_requested"], body["depth_reason"]) == (None, "latency_target")
-    assert body["depth_used"] in (1, 2)
+    # Depth 3 alone takes 62 ms > 60: auto must stay below it; whether 2 fits depends on this machine's load.
+    assert body["depth_requested"] is None and body["depth_used"] in (1, 2)
     assert models["default_depth"] == "auto"
 
 

@@ -126,21 +126,71 @@ def test_one_request_of_many_images_does_not_pull_the_server_wide_depth_down():
     assert a.decide(forecast(), now=0.1).depth == 3  # the next one-image request is not dragged down
 
 
+def ask(a: AutoDepth, t0: float, t1: float, backlog_ms: float = 0.0) -> None:
+    """A one-image request every 0.1 s from t0 to t1: never a quiet spell."""
+    for i in range(round((t1 - t0) * 10) + 1):
+        a.decide(forecast(backlog_ms), now=t0 + i / 10)
+
+
 def test_a_step_up_that_must_be_undone_doubles_the_next_hold():
     a = auto(hold_s=1.0)
-
-    def ask(t0: float, t1: float, backlog_ms: float = 0.0) -> None:  # a request every 0.1 s: never quiet
-        for i in range(round((t1 - t0) * 10) + 1):
-            a.decide(forecast(backlog_ms), now=t0 + i / 10)
-
-    ask(0.0, 0.0, backlog_ms=35)  # depth 1
-    ask(0.1, 1.1)
+    ask(a, 0.0, 0.0, backlog_ms=35)  # depth 1
+    ask(a, 0.1, 1.1)
     assert a.current == 2
-    ask(1.2, 1.2, backlog_ms=35)  # the deeper depth could not keep up
+    ask(a, 1.2, 1.2, backlog_ms=35)  # the deeper depth could not keep up
     assert a.current == 1
-    ask(1.3, 2.5)
+    ask(a, 1.3, 2.5)
     assert a.current == 1, "the hold is now 2 s"
-    ask(2.6, 3.4)
+    ask(a, 2.6, 3.4)
     assert a.current == 2
-    ask(3.5, 5.5)  # held for its 2 s: the hold is back to 1 s
+    ask(a, 3.5, 5.6, backlog_ms=20)  # depth 2 holds (depth 3 is not comfortable): the hold is back to 1 s
+    ask(a, 5.7, 6.6)
+    assert a.current == 2
+    ask(a, 6.7, 6.8)
+    assert a.current == 3, "one 1 s hold from 5.7, not 2 s"
+
+
+def test_the_hold_grows_to_at_most_eight_times():
+    a = auto(hold_s=0.5)
+    ask(a, 0.0, 0.0, backlog_ms=35)
+    t = 0.1
+    for _ in range(6):  # step up after each hold, then undo it at once
+        while a.current == 1:
+            ask(a, t, t)
+            t = round(t + 0.1, 1)
+        ask(a, t, t, backlog_ms=35)
+        t = round(t + 0.1, 1)
+    assert a._hold_s == 4.0
+
+
+def test_answers_later_than_the_target_step_the_depth_down_though_the_forecast_fits():
+    a = auto(target_ms=50)
+    ask(a, 0.0, 0.5)
     assert a.current == 3
+    for _ in range(20):
+        a.observe(3, 80.0)  # the forecast says 30 ms; the answers say 80
+    a.decide(forecast(), now=0.6)
+    assert a.current == 2 and a.recent_ms == 0.0, "a new depth starts a new average"
+    for _ in range(20):
+        a.observe(3, 500.0)  # answers queued before the step: not this depth's
+    a.decide(forecast(), now=0.7)
+    assert a.current == 2
+
+
+def test_one_very_slow_answer_does_not_step_the_depth_down():
+    a = auto(target_ms=50)
+    ask(a, 0.0, 0.5)
+    for _ in range(20):
+        a.observe(3, 30.0)
+    a.observe(3, 5000.0)  # counted as 100 ms: 30 + 0.1 * 70 = 37 ms on average
+    a.decide(forecast(), now=0.6)
+    assert a.current == 3
+
+
+def test_time_spent_before_the_queue_alone_does_not_refuse_a_request():
+    a = auto(target_ms=50)
+    slow = Forecast({d: 45 + ms for d, ms in COST_MS.items()}, dict(COST_MS), spent_ms=45)  # a slow decode
+    decision = a.decide(slow, now=0.0, probe=forecast())
+    assert (decision.depth, decision.reason) == (1, OVERLOAD)  # 55 ms: late, but a 503 would be later still
+    queued = Forecast({d: 45 + ms for d, ms in COST_MS.items()}, dict(COST_MS), spent_ms=5)  # 40 ms queued
+    assert a.decide(queued, now=0.1) is None
