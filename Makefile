@@ -43,7 +43,7 @@ format: $(VENV)/.test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The embedded default model: train (about 75 minutes on 2 cores), then export every depth.
+# The embedded default model: train (about 80 minutes on 2 cores), then export every depth.
 train: $(VENV)/.test debian-packages
 	$(BIN)/srvit train --model srvit_fashion --out runs/srvit_fashion
 

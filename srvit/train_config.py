@@ -16,7 +16,7 @@ class TrainConfig:
     any_depth_epochs: int = 1  # phase 2: sandwich rule over all depths, router frozen
     batch_size: int = 128  # global, split across processes
     lr: float = 2e-3
-    any_depth_lr: float = 5e-4
+    any_depth_lr: float = 2e-4
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
