@@ -23,6 +23,7 @@ class SRViTConfig:
     max_depth: int = 4  # recursion steps per block; forward() accepts any depth in 1..max_depth
     router_hidden: int = 384  # hidden width of each block's router MLP
     stem: str = "patch"  # "patch": one strided conv; "conv": three 3x3 convs, two of stride 2 (patch_size 4)
+    pool: str = "cls"  # "cls": the head reads a class token (DeiT); "mean": the mean of the patch tokens
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -33,12 +34,19 @@ class SRViTConfig:
             raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
         if self.stem == "conv" and self.patch_size != 4:
             raise ValueError("the 'conv' stem downsamples by 4, so it needs patch_size=4")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
 
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the blocks see: the patches, plus the class token when the head reads one."""
+        return self.num_patches + (self.pool == "cls")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -165,14 +173,15 @@ class SRViT(nn.Module):
         self.cfg = cfg
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
         self.blocks = nn.ModuleList(SoftMoRBlock(cfg) for _ in range(cfg.num_blocks))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, cfg.num_classes)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         for blk in self.blocks:
             nn.init.trunc_normal_(blk.step_embed, std=0.02)
 
@@ -184,18 +193,19 @@ class SRViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # [B, N, D]
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, D]
-        return torch.cat([cls, x], dim=1) + self.pos_embed  # [B, N+1, D]
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, N+1, D]
+        return x + self.pos_embed  # [B, T, D], T = cfg.num_tokens
 
     def forward_features(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         depth = self.check_depth(depth)
         x = self.embed(x)
         for blk in self.blocks:
             x = blk(x, depth)
-        return self.norm(x)  # [B, N+1, D]
+        return self.norm(x)  # [B, T, D]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0]  # class token, [B, D]
+        x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)  # [B, D]
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -203,7 +213,7 @@ class SRViT(nn.Module):
 
     @torch.no_grad()
     def router_weights(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
-        """Each block's mixture weights [B, N+1, depth]: where the model puts its recursion."""
+        """Each block's mixture weights [B, T, depth]: where the model puts its recursion."""
         depth = self.check_depth(depth)
         x, weights = self.embed(x), []
         for blk in self.blocks:

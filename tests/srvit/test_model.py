@@ -1,5 +1,7 @@
 """The model surface, for every registered variant and depth."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def test_router_weights_are_a_distribution_over_the_steps_used(tiny, depth):
     weights = tiny.router_weights(images(TINY), depth)
     assert len(weights) == TINY.num_blocks
     for w in weights:
-        assert w.shape == (2, TINY.num_patches + 1, depth)
+        assert w.shape == (2, TINY.num_tokens, depth)
         assert (w >= 0).all()
         torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
 
@@ -83,7 +85,7 @@ def test_eval_mode_is_deterministic(tiny):
 def test_forward_features_and_head_compose(tiny):
     x = images(TINY)
     feats = tiny.forward_features(x, 2)
-    assert feats.shape == (2, TINY.num_patches + 1, TINY.embed_dim)
+    assert feats.shape == (2, TINY.num_tokens, TINY.embed_dim)
     assert tiny.forward_head(feats, pre_logits=True).shape == (2, TINY.embed_dim)
     assert torch.equal(tiny.forward_head(feats), tiny(x, 2))
 
@@ -107,3 +109,16 @@ def test_unknown_variant_and_bad_config_say_what_is_wrong():
         model_config("srvit_huge")
     with pytest.raises(ValueError, match="not a multiple"):
         SRViTConfig(img_size=30, patch_size=4)
+
+
+def test_mean_pooling_has_no_class_token_and_reads_every_patch():
+    torch.manual_seed(0)
+    model = SRViT(dataclasses.replace(TINY, pool="mean")).eval()
+    assert model.cls_token is None and model.cfg.num_tokens == TINY.num_patches
+    x = images(TINY)
+    with torch.no_grad():
+        feats = model.forward_features(x, 3)
+        assert feats.shape == (2, TINY.num_patches, TINY.embed_dim)
+        torch.testing.assert_close(model(x, 3), model.head(feats.mean(dim=1)))
+    with pytest.raises(ValueError, match="pool"):
+        dataclasses.replace(TINY, pool="max")
