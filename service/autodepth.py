@@ -50,7 +50,6 @@ class Forecast:
 class Decision:
     depth: int
     reason: str  # LATENCY_TARGET: the budget alone limits the depth; OVERLOAD: the load pushed it down
-    predicted_ms: float
 
 
 class AutoDepth:
@@ -104,7 +103,7 @@ class AutoDepth:
             return None
         depth = depth or shallowest
         unloaded = _deepest(forecast.idle_ms, budget, self.depths) or shallowest
-        return Decision(depth, OVERLOAD if depth < unloaded else LATENCY_TARGET, forecast.loaded_ms[depth])
+        return Decision(depth, OVERLOAD if depth < unloaded else LATENCY_TARGET)
 
     def _follow(self, forecast: Forecast, now: float) -> None:
         """One depth down when the current one is uncomfortable or its answers miss the target (at most once

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from sample_images import png
 
@@ -114,3 +115,29 @@ async def test_time_spent_before_the_device_queue_counts_toward_the_target(servi
     assert late["depth_used"] < 3 and late["depth_reason"] == "overload"
     assert late["timing_ms"]["total"] >= 70
     assert model["auto_depth"] == 3
+
+
+async def test_late_answers_on_the_v2_endpoint_also_step_auto_down(serving, slowed, monkeypatch):
+    """A Triton client's requests share the device with /classify: when their answers come back later than the
+    target for reasons no forecast sees (here a loop slow to hand the results back), auto steps down for all."""
+    slowed(2)  # depth 3 takes 6 ms an image: the forecast alone keeps depth 3
+    settings = {"latency_target_ms": 100, "max_queue_delay_ms": 2, "auto_step_up_hold_s": 60}
+    async with serving(**settings) as (app, client):
+        first = (await client.post("/classify", **raw(depth="auto"))).json()
+        batcher = app.state.service.device.batcher
+        submit = batcher.submit
+
+        async def late_submit(*args):
+            rows = await submit(*args)
+            await asyncio.sleep(0.15)  # every answer 150 ms late, after the device: the 100 ms target is missed
+            return rows
+
+        monkeypatch.setattr(batcher, "submit", late_submit)
+        x = np.zeros((1, 1, 8, 8), dtype=np.float32)
+        body = {"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        for _ in range(10):
+            assert (await client.post("/v2/models/tiny_d3/infer", json=body)).status_code == 200
+        monkeypatch.setattr(batcher, "submit", submit)
+        after = (await client.post("/classify", **raw(depth="auto"))).json()
+    assert (first["depth_used"], first["depth_reason"]) == (3, "latency_target")
+    assert (after["depth_used"], after["depth_reason"]) == (2, "overload")
