@@ -32,19 +32,20 @@ def evaluate_depths(
 
 @torch.no_grad()
 def router_usage(model: SRViT, ds: Dataset, device: torch.device | str = "cpu", n: int = 1000) -> dict[str, list]:
-    """Mean mixture weight of each step at max depth, over all tokens and over the class token.
+    """Mean mixture weight of each step at max depth, over all tokens and (when the model has one) over the
+    class token.
 
     A router that puts nearly all its weight on step 1 has made depth irrelevant.
     """
     was_training = model.training
     model.eval()
     images = next(iter(DataLoader(Subset(ds, range(min(n, len(ds)))), batch_size=n)))[0].to(device)
-    weights = torch.stack(model.router_weights(images))  # [blocks, B, N+1, depth]
+    weights = torch.stack(model.router_weights(images))  # [blocks, B, T, depth]
     model.train(was_training)
-    return {
-        "all_tokens": [round(v, 3) for v in weights.mean(dim=(0, 1, 2)).tolist()],
-        "class_token": [round(v, 3) for v in weights[:, :, 0].mean(dim=(0, 1)).tolist()],
-    }
+    usage = {"all_tokens": [round(v, 3) for v in weights.mean(dim=(0, 1, 2)).tolist()]}
+    if model.cfg.pool == "cls":
+        usage["class_token"] = [round(v, 3) for v in weights[:, :, 0].mean(dim=(0, 1)).tolist()]
+    return usage
 
 
 def count_parameters(model: torch.nn.Module) -> int:

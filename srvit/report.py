@@ -63,6 +63,5 @@ def print_eval_table(report: dict, console: Console | None = None) -> None:
         table.add_row(str(row["depth"]), f"{100 * row['top1']:.2f}", f"{row['gflops']:.4f}", f"{row['images_per_s']:,}")
     console.print(table)
     usage = report["router_usage_at_max_depth"]
-    console.print(
-        f"router weight per step at max depth: all tokens {usage['all_tokens']}, class token {usage['class_token']}"
-    )
+    line = f"router weight per step at max depth: all tokens {usage['all_tokens']}"
+    console.print(line + (f", class token {usage['class_token']}" if "class_token" in usage else ""))

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from srvit.evaluate import count_parameters, gflops
+from srvit.evaluate import count_parameters, gflops, router_usage
 from srvit.model import SRViT, SRViTConfig
 from srvit.registry import create_model, list_models, model_config
 
@@ -122,3 +122,13 @@ def test_mean_pooling_has_no_class_token_and_reads_every_patch():
         torch.testing.assert_close(model(x, 3), model.head(feats.mean(dim=1)))
     with pytest.raises(ValueError, match="pool"):
         dataclasses.replace(TINY, pool="max")
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_router_usage_names_the_class_token_only_when_there_is_one(pool):
+    torch.manual_seed(0)
+    model = SRViT(dataclasses.replace(TINY, pool=pool))
+    ds = torch.utils.data.TensorDataset(images(TINY, 4), torch.zeros(4, dtype=torch.long))
+    usage = router_usage(model, ds, n=4)
+    assert sorted(usage) == (["all_tokens", "class_token"] if pool == "cls" else ["all_tokens"])
+    assert sum(usage["all_tokens"]) == pytest.approx(1.0, abs=0.01)
