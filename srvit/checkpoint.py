@@ -104,8 +104,10 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[SRViT, dict]:
 
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Everything needed to resume: weights, AdamW moments and step counters, progress in `meta`."""
+    """Everything needed to resume: weights, AdamW moments and step counters, the random number generator
+    (augmentation and depth sampling draw from it), progress in `meta`."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors["rng.torch"] = torch.get_rng_state()
     opt = optimizer.state_dict()
     steps = {}
     for idx, st in opt["state"].items():
@@ -115,7 +117,9 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     _atomic_save(tensors, Path(path), {"srvit": json.dumps(meta)})
 
 
-def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        restore_rng: bool = True) -> dict:  # fmt: skip
+    """Restore weights and optimizer (and, unless told not to, the random number generator); returns `meta`."""
     meta = read_metadata(path)
     tensors = load_file(str(path))
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
@@ -127,4 +131,6 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             _, idx, name = k.split(".", 2)
             opt_state[int(idx)][name] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    if restore_rng and "rng.torch" in tensors:  # older files have none: the run goes on, with other draws
+        torch.set_rng_state(tensors["rng.torch"])
     return meta

@@ -162,7 +162,8 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     state = {"epoch": 0, "history": [], "train_seconds": 0.0}
     if cfg.resume and (out / "last.safetensors").exists():
-        state = load_training_state(out / "last.safetensors", model, optimizer)
+        # One process continues its own random draws; under torchrun each rank keeps its own seed instead.
+        state = load_training_state(out / "last.safetensors", model, optimizer, restore_rng=env.world == 1)
         if env.main:
             print(f"resumed from {out / 'last.safetensors'} at epoch {state['epoch']}")
     small_images = isinstance(train_ds, torch.utils.data.TensorDataset)

@@ -89,3 +89,21 @@ def test_an_imagefolder_tree_trains_with_its_own_classes(tmp_path):
     assert meta["labels"] == ["dark", "light"]
     assert model.cfg.num_classes == 2
     assert meta["preprocessing"]["input_size"] == 28
+
+
+def test_a_resumed_run_draws_the_same_augmentation_and_depths_as_an_unbroken_one(tmp_path):
+    cfg = dict(epochs=1, any_depth_epochs=1, augment=True)
+    train(small(tmp_path / "unbroken", **cfg))
+    (tmp_path / "resumed").mkdir()  # stopped after epoch 1: its saved state, then the same command again
+    shutil.copyfile(tmp_path / "unbroken" / "phase1.safetensors", tmp_path / "resumed" / "last.safetensors")
+    train(small(tmp_path / "resumed", **cfg))
+    unbroken, resumed = history(tmp_path / "unbroken"), load_training_history(tmp_path / "resumed")
+    assert _no_time(resumed[1]) == _no_time(unbroken[1])
+    a, _ = load_checkpoint(tmp_path / "unbroken" / "model.safetensors")
+    b, _ = load_checkpoint(tmp_path / "resumed" / "model.safetensors")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert (x == y).all(), name
+
+
+def _no_time(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "seconds"}
