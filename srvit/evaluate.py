@@ -12,11 +12,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from srvit.model import SRViT
 
 
-@torch.no_grad()
 def evaluate_depths(
     model: SRViT, ds: Dataset, device: torch.device | str = "cpu", depths=None, batch_size: int = 500
 ) -> dict[int, float]:
     """Top-1 accuracy at each depth (default: all) on `ds`, as fractions."""
+    correct, seen = count_correct(model, ds, device, depths, batch_size)
+    return {d: round(c / seen, 4) for d, c in correct.items()}
+
+
+@torch.no_grad()
+def count_correct(
+    model: SRViT, ds: Dataset, device: torch.device | str = "cpu", depths=None, batch_size: int = 500
+) -> tuple[dict[int, int], int]:
+    """Correct answers at each depth (default: all) and images seen: counts that add up across shards."""
     was_training = model.training
     model.eval()
     depths = list(depths or range(1, model.cfg.max_depth + 1))
@@ -27,7 +35,7 @@ def evaluate_depths(
             correct[d] += (model(images, d).argmax(-1) == labels).sum().item()
         seen += len(labels)
     model.train(was_training)
-    return {d: round(correct[d] / seen, 4) for d in depths}
+    return correct, seen
 
 
 @torch.no_grad()

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from srvit import data as D
 from srvit.checkpoint import load_training_state, save_checkpoint, save_training_state
-from srvit.evaluate import evaluate_depths, router_usage
+from srvit.evaluate import count_correct, router_usage
 from srvit.model import SRViT
 from srvit.registry import model_config
 from srvit.train_config import TrainConfig
@@ -95,9 +95,9 @@ def build_data(cfg: TrainConfig, in_chans: int, img_size: int) -> tuple[Dataset,
         test = D.ImageFolder(root / "val", pre, train=False)
         labels, name = train.classes, f"imagefolder:{root}"
         if cfg.limit:
-            train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
+            train = Subset(train, range(min(cfg.limit, len(train))))
         if cfg.eval_limit:  # the per-epoch evaluation runs on rank 0 only: keep it short on a big val/
-            test = torch.utils.data.Subset(test, range(min(cfg.eval_limit, len(test))))
+            test = Subset(test, range(min(cfg.eval_limit, len(test))))
     return train, test, {"labels": labels, "preprocessing": pre.to_dict(), "dataset": name}
 
 
@@ -173,8 +173,8 @@ def train(cfg: TrainConfig) -> Path:
         stats = run_epoch(model, optimizer, train_ds, cfg, env, epoch, small_images)
         state["train_seconds"] += time.time() - t0
         record = {"epoch": epoch + 1, "phase": phase(cfg, epoch), **stats, "seconds": round(time.time() - t0, 1)}
+        record["test_top1"] = evaluate_sharded(model, test_ds, env)
         if env.main:
-            record["test_top1"] = evaluate_depths(model, test_ds, env.device)
             record["router_usage"] = router_usage(model, test_ds, env.device)
             print(json.dumps(record))
             state["history"].append(record)
@@ -191,6 +191,13 @@ def train(cfg: TrainConfig) -> Path:
         save_checkpoint(out / "model.safetensors", model, final)
     env.close()
     return out / "model.safetensors"
+
+
+def evaluate_sharded(model: SRViT, ds: Dataset, env: Distributed) -> dict[int, float]:
+    """Top-1 per depth on `ds`: each process counts every world-th image, the counts are summed."""
+    correct, seen = count_correct(model, Subset(ds, range(env.rank, len(ds), env.world)), env.device)
+    totals = env.all_sum(torch.tensor([*correct.values(), seen], dtype=torch.float64, device=env.device))
+    return {d: round(totals[i].item() / totals[-1].item(), 4) for i, d in enumerate(correct)}
 
 
 def phase(cfg: TrainConfig, epoch: int) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from srvit.checkpoint import load_checkpoint
-from srvit.data import FASHION_MNIST_DIR
+from srvit.data import FASHION_MNIST_DIR, fashion_mnist_dataset
+from srvit.evaluate import evaluate_depths
 from srvit.train import train
 from srvit.train_config import TrainConfig
 
@@ -72,7 +73,10 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     h = history(tmp_path)
     assert len(h) == 2, "only rank 0 writes the log"
-    assert (tmp_path / "model.safetensors").exists()
+    model, _ = load_checkpoint(tmp_path / "model.safetensors")
+    test = fashion_mnist_dataset(FASHION_MNIST_DIR, "test", limit=100)
+    logged = {int(d): top1 for d, top1 in h[-1]["test_top1"].items()}
+    assert logged == evaluate_depths(model, test), "each rank evaluates half the images; the log has them all"
 
 
 def test_an_imagefolder_tree_trains_with_its_own_classes(tmp_path):
