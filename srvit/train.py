@@ -96,7 +96,7 @@ def build_data(cfg: TrainConfig, in_chans: int, img_size: int) -> tuple[Dataset,
         labels, name = train.classes, f"imagefolder:{root}"
         if cfg.limit:
             train = Subset(train, range(min(cfg.limit, len(train))))
-        if cfg.eval_limit:  # the per-epoch evaluation runs on rank 0 only: keep it short on a big val/
+        if cfg.eval_limit:  # every epoch evaluates all of val/ (shared among the ranks): limit it on a big one
             test = Subset(test, range(min(cfg.eval_limit, len(test))))
     return train, test, {"labels": labels, "preprocessing": pre.to_dict(), "dataset": name}
 
