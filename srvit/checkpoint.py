@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -104,8 +105,8 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[SRViT, dict]:
 
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Everything needed to resume: weights, AdamW moments and step counters, the random number generator
-    (augmentation and depth sampling draw from it), progress in `meta`."""
+    """Everything needed to resume: weights, AdamW moments and step counters, the random number generators
+    (torch's and Python's: augmentation and depth sampling draw from them), progress in `meta`."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors["rng.torch"] = torch.get_rng_state()
     opt = optimizer.state_dict()
@@ -114,16 +115,21 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         steps[str(idx)] = float(st["step"])
         tensors.update({f"optim.{idx}.{k}": v for k, v in st.items() if k != "step"})
     meta = {"format": FORMAT, **meta, "optim_steps": steps, "param_groups": opt["param_groups"]}
+    meta["rng_python"] = random.getstate()
     _atomic_save(tensors, Path(path), {"srvit": json.dumps(meta)})
 
 
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                         restore_rng: bool = True) -> dict:  # fmt: skip
-    """Restore weights and optimizer (and, unless told not to, the random number generator); returns `meta`."""
+    """Restore weights and optimizer (and, unless told not to, the random number generators); returns `meta`."""
     meta = read_metadata(path)
+    saved, ours = meta.get("model_config"), model.cfg.to_dict()
+    if saved is not None and saved != ours:
+        changed = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v)
+        raise CheckpointError(f"{path} is a run of another model config ({changed}): train into a new --out")
     tensors = load_file(str(path))
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    check_state_dict(model, state, str(path))
+    check_state_dict(model, state, f"{path} (a run of another model config? train into a new --out)")
     model.load_state_dict(state)
     opt_state = {int(i): {"step": torch.tensor(s)} for i, s in meta["optim_steps"].items()}
     for k, v in tensors.items():
@@ -133,4 +139,6 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     if restore_rng and "rng.torch" in tensors:  # older files have none: the run goes on, with other draws
         torch.set_rng_state(tensors["rng.torch"])
+        version, state, gauss = meta["rng_python"]
+        random.setstate((version, tuple(state), gauss))
     return meta

@@ -24,11 +24,16 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from srvit.checkpoint import CheckpointError
     from srvit.train import train
     from srvit.train_config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    path = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    try:
+        path = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    except CheckpointError as e:  # a run folder to resume that does not fit
+        print(f"srvit train: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0
 

@@ -124,6 +124,13 @@ class Distributed:
             dist.all_reduce(t)
         return t
 
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """DistributedDataParallel copies rank 0's buffers (BatchNorm statistics) at the start of each forward
+        only, so after the last step every rank's differ: evaluate and save rank 0's everywhere."""
+        if self.world > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+
     def close(self) -> None:
         if self.world > 1:
             dist.destroy_process_group()
@@ -173,13 +180,15 @@ def train(cfg: TrainConfig) -> Path:
         stats = run_epoch(model, optimizer, train_ds, cfg, env, epoch, small_images)
         state["train_seconds"] += time.time() - t0
         record = {"epoch": epoch + 1, "phase": phase(cfg, epoch), **stats, "seconds": round(time.time() - t0, 1)}
+        env.broadcast_buffers(model)
         record["test_top1"] = evaluate_sharded(model, test_ds, env)
         if env.main:
             record["router_usage"] = router_usage(model, test_ds, env.device)
             print(json.dumps(record))
             state["history"].append(record)
             state["epoch"] = epoch + 1
-            save_training_state(out / "last.safetensors", model, optimizer, {**state, "train_config": asdict(cfg)})
+            progress = {**state, "train_config": asdict(cfg), "model_config": model.cfg.to_dict()}
+            save_training_state(out / "last.safetensors", model, optimizer, progress)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if epoch + 1 == cfg.epochs:  # keep phase 1's end: phase 2 can be rerun from it (copy to last.safetensors)

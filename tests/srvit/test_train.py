@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from srvit.checkpoint import load_checkpoint
+import srvit.train
+from srvit.checkpoint import CheckpointError, load_checkpoint
 from srvit.data import FASHION_MNIST_DIR, fashion_mnist_dataset
 from srvit.evaluate import evaluate_depths
 from srvit.train import train
@@ -95,18 +96,35 @@ def test_an_imagefolder_tree_trains_with_its_own_classes(tmp_path):
     assert meta["preprocessing"]["input_size"] == 28
 
 
-def test_a_resumed_run_draws_the_same_augmentation_and_depths_as_an_unbroken_one(tmp_path):
-    cfg = dict(epochs=1, any_depth_epochs=1, augment=True)
+def test_a_run_resumed_in_phase_two_draws_the_same_augmentation_and_depths_as_an_unbroken_one(tmp_path, monkeypatch):
+    cfg = dict(epochs=1, any_depth_epochs=2, augment=True)
     train(small(tmp_path / "unbroken", **cfg))
-    (tmp_path / "resumed").mkdir()  # stopped after epoch 1: its saved state, then the same command again
-    shutil.copyfile(tmp_path / "unbroken" / "phase1.safetensors", tmp_path / "resumed" / "last.safetensors")
-    train(small(tmp_path / "resumed", **cfg))
-    unbroken, resumed = history(tmp_path / "unbroken"), load_training_history(tmp_path / "resumed")
-    assert _no_time(resumed[1]) == _no_time(unbroken[1])
+    run_epoch = srvit.train.run_epoch
+
+    def stop_after_epoch_2(model, optimizer, ds, cfg, env, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the second phase-2 epoch: epochs 1 and 2 are saved
+        return run_epoch(model, optimizer, ds, cfg, env, epoch, *rest)
+
+    monkeypatch.setattr(srvit.train, "run_epoch", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(small(tmp_path / "resumed", **cfg))
+    monkeypatch.setattr(srvit.train, "run_epoch", run_epoch)
+    train(small(tmp_path / "resumed", **cfg))  # the same command again
+    unbroken, resumed = history(tmp_path / "unbroken"), history(tmp_path / "resumed")
+    assert [_no_time(r) for r in resumed] == [_no_time(r) for r in unbroken]
     a, _ = load_checkpoint(tmp_path / "unbroken" / "model.safetensors")
     b, _ = load_checkpoint(tmp_path / "resumed" / "model.safetensors")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert (x == y).all(), name
+
+
+def test_resuming_a_run_of_another_model_config_says_so(tmp_path, monkeypatch):
+    train(small(tmp_path, epochs=1, any_depth_epochs=0))
+    real = srvit.train.model_config
+    monkeypatch.setattr(srvit.train, "model_config", lambda name, **kw: real(name, **{"pool": "mean", **kw}))
+    with pytest.raises(CheckpointError, match="pool 'cls' there, 'mean' here"):
+        train(small(tmp_path, epochs=2, any_depth_epochs=0))
 
 
 def _no_time(record: dict) -> dict:
