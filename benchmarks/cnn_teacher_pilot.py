@@ -1,0 +1,70 @@
+"""How good, and how fast on this machine, is a small CNN on Fashion-MNIST? A candidate teacher for distilling
+into srvit_fashion (docs/training.md, "What we would try next").
+
+Four 3x3 convolutions with BatchNorm (32, 32, 64, 64 channels, max-pooling after the second and the fourth), a
+256-unit hidden layer, dropout 0.3; AdamW with a one-cycle schedule, label smoothing 0.1, the ±2 px shift and
+flip of `srvit.data.shift_flip`. Prints test top-1 and seconds after every epoch.
+
+    python benchmarks/cnn_teacher_pilot.py --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from srvit.data import FASHION_MNIST_DIR, fashion_mnist_dataset, shift_flip
+
+
+def conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def small_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        *conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, 10),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def top1(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    net.eval()
+    correct = sum((net(x[i : i + 1000]).argmax(-1) == y[i : i + 1000]).sum().item() for i in range(0, len(x), 1000))
+    return correct / len(x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x, y = fashion_mnist_dataset(FASHION_MNIST_DIR, "train").tensors
+    x_test, y_test = fashion_mnist_dataset(FASHION_MNIST_DIR, "test").tensors
+    net = small_cnn()
+    steps_per_epoch = len(x) // args.batch_size
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.epochs * steps_per_epoch)
+    print(f"{sum(p.numel() for p in net.parameters()):,} parameters")
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        net.train()
+        order = torch.randperm(len(x))
+        for i in range(steps_per_epoch):
+            batch = order[i * args.batch_size : (i + 1) * args.batch_size]
+            loss = F.cross_entropy(net(shift_flip(x[batch], pad=2)), y[batch], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+        seconds = time.time() - t0
+        print(f"epoch {epoch}: test top-1 {100 * top1(net, x_test, y_test):.2f}%, {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
