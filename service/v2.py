@@ -227,8 +227,7 @@ async def run(svc: Service, served: ServedModel, header: dict, images: np.ndarra
     timeout_s = _timeout_s(params.get("timeout"))
     deadline = None if timeout_s is None else received_at + timeout_s
     depth, _ = svc.classifier.choose_depth(served, requested, False, len(images), received_at, deadline)
-    rows = await svc.device.batcher.submit((served.model.name, depth), images, deadline)
-    served.auto.observe(depth, (asyncio.get_running_loop().time() - received_at) * 1000)
+    rows = await svc.classifier.submit(served, depth, images, received_at, deadline)
     return depth, rows["logits"]
 
 
