@@ -35,6 +35,7 @@ from srvit.checkpoint import load_training_state, save_checkpoint, save_training
 from srvit.evaluate import count_correct, router_usage
 from srvit.model import SRViT
 from srvit.registry import model_config
+from srvit.teacher import load_or_train_teacher
 from srvit.train_config import TrainConfig
 
 
@@ -46,18 +47,25 @@ class Objective(nn.Module):
         self.model, self.label_smoothing, self.any_depth = model, cfg.label_smoothing, any_depth
         self.router_balance, self.distill_weight = cfg.router_balance, cfg.distill_weight
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.teacher_weight = cfg.teacher_weight
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, teacher_labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         max_depth = self.model.cfg.max_depth
         logits = self.model(images, max_depth)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if teacher_labels is not None:  # DeiT's hard distillation: the teacher's top class as a second label
+            to_teacher = F.cross_entropy(logits, teacher_labels, label_smoothing=self.label_smoothing)
+            loss = (1 - self.teacher_weight) * loss + self.teacher_weight * to_teacher
         if not self.any_depth and self.router_balance:
             loss = loss + self.router_balance * self.model.router_balance_loss()
         if self.any_depth and max_depth > 1:
-            teacher = logits.detach().softmax(-1)
+            deepest = logits.detach().softmax(-1)
             shallow = {1, random.randint(1, max_depth - 1)}  # depth 1 and a random middle depth
             for d in sorted(shallow):
                 student = self.model(images, d).log_softmax(-1)
-                loss = loss + self.distill_weight * F.kl_div(student, teacher, reduction="batchmean")
+                loss = loss + self.distill_weight * F.kl_div(student, deepest, reduction="batchmean")
         return loss, logits
 
 
@@ -131,6 +139,10 @@ class Distributed:
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.world > 1:
             dist.destroy_process_group()
@@ -174,10 +186,19 @@ def train(cfg: TrainConfig) -> Path:
         if env.main:
             print(f"resumed from {out / 'last.safetensors'} at epoch {state['epoch']}")
     small_images = isinstance(train_ds, torch.utils.data.TensorDataset)
+    teacher = None
+    if cfg.teacher_epochs:
+        where = out / "teacher.safetensors"
+        args = (mcfg.in_chans, mcfg.num_classes, train_ds, test_ds, cfg.teacher_epochs, env.device, small_images)
+        if env.main:  # rank 0 trains it (or finds it in the run folder), the others then load its file
+            teacher = load_or_train_teacher(where, *args, cfg.seed)
+        env.barrier()
+        if not env.main:
+            teacher = load_or_train_teacher(where, *args, cfg.seed)
     total_epochs = cfg.epochs + cfg.any_depth_epochs
     for epoch in range(state["epoch"], total_epochs):
         t0 = time.time()
-        stats = run_epoch(model, optimizer, train_ds, cfg, env, epoch, small_images)
+        stats = run_epoch(model, optimizer, train_ds, cfg, env, epoch, small_images, teacher)
         state["train_seconds"] += time.time() - t0
         record = {"epoch": epoch + 1, "phase": phase(cfg, epoch), **stats, "seconds": round(time.time() - t0, 1)}
         env.broadcast_buffers(model)
@@ -213,7 +234,9 @@ def phase(cfg: TrainConfig, epoch: int) -> str:
     return "max-depth" if epoch < cfg.epochs else "any-depth"
 
 
-def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: int, small_images: bool) -> dict:
+def run_epoch(
+    model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: int, small_images: bool, teacher: nn.Module | None
+) -> dict:
     any_depth = epoch >= cfg.epochs
     for p in model.router_parameters():
         p.requires_grad_(not any_depth)
@@ -241,7 +264,9 @@ def run_epoch(model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: i
             if small_images and cfg.augment:
                 images = D.shift_flip(images, pad=cfg.shift_pad)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
-                loss, logits = objective(images, labels)
+                with torch.no_grad():
+                    teacher_labels = teacher(images).argmax(-1) if teacher is not None else None
+                loss, logits = objective(images, labels, teacher_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,6 +24,8 @@ class TrainConfig:
     shift_pad: int = 1
     distill_weight: float = 0.5  # phase 2: weight of each shallow depth's distillation toward max depth
     router_balance: float = 0.1  # weight of the router load-balancing term (phase 1), see SRViT.router_balance_loss
+    teacher_epochs: int = 0  # >0: first train a small CNN teacher this long, then distil it (srvit/teacher.py)
+    teacher_weight: float = 0.5  # weight of the cross-entropy toward the teacher's top class (1 - it: true labels)
     seed: int = 0
     limit: int | None = None  # use only the first N training images (smoke tests)
     eval_limit: int | None = None

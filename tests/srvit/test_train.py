@@ -69,11 +69,13 @@ def test_two_process_ddp_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            "-m", "srvit.cli", "train", "--out", str(tmp_path), "--epochs", "1", "--any-depth-epochs", "1",
-           "--limit", "256", "--eval-limit", "100", "--batch-size", "64"]  # fmt: skip
+           "--limit", "256", "--eval-limit", "100", "--batch-size", "64", "--teacher-epochs", "1"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     h = history(tmp_path)
     assert len(h) == 2, "only rank 0 writes the log"
+    assert done.stdout.count('"teacher"') == 1, "rank 0 trains the teacher, rank 1 loads it"
+    assert json.loads((tmp_path / "teacher.json").read_text())["epochs"] == 1
     model, _ = load_checkpoint(tmp_path / "model.safetensors")
     test = fashion_mnist_dataset(FASHION_MNIST_DIR, "test", limit=100)
     logged = {int(d): top1 for d, top1 in h[-1]["test_top1"].items()}
@@ -96,8 +98,11 @@ def test_an_imagefolder_tree_trains_with_its_own_classes(tmp_path):
     assert meta["preprocessing"]["input_size"] == 28
 
 
-def test_a_run_resumed_in_phase_two_draws_the_same_augmentation_and_depths_as_an_unbroken_one(tmp_path, monkeypatch):
-    cfg = dict(epochs=1, any_depth_epochs=2, augment=True)
+@pytest.mark.parametrize("teacher_epochs", [0, 1], ids=["no-teacher", "cnn-teacher"])
+def test_a_run_resumed_in_phase_two_draws_the_same_augmentation_and_depths_as_an_unbroken_one(
+    tmp_path, monkeypatch, teacher_epochs
+):
+    cfg = dict(epochs=1, any_depth_epochs=2, augment=True, teacher_epochs=teacher_epochs)
     train(small(tmp_path / "unbroken", **cfg))
     run_epoch = srvit.train.run_epoch
 
@@ -110,7 +115,11 @@ def test_a_run_resumed_in_phase_two_draws_the_same_augmentation_and_depths_as_an
     with pytest.raises(KeyboardInterrupt):
         train(small(tmp_path / "resumed", **cfg))
     monkeypatch.setattr(srvit.train, "run_epoch", run_epoch)
+    teacher = tmp_path / "resumed" / "teacher.safetensors"
+    trained_at = teacher.stat().st_mtime_ns if teacher_epochs else None
     train(small(tmp_path / "resumed", **cfg))  # the same command again
+    if teacher_epochs:
+        assert teacher.stat().st_mtime_ns == trained_at, "the resumed run reuses its teacher, it does not train another"
     unbroken, resumed = history(tmp_path / "unbroken"), history(tmp_path / "resumed")
     assert [_no_time(r) for r in resumed] == [_no_time(r) for r in unbroken]
     a, _ = load_checkpoint(tmp_path / "unbroken" / "model.safetensors")
@@ -125,6 +134,35 @@ def test_resuming_a_run_of_another_model_config_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(srvit.train, "model_config", lambda name, **kw: real(name, **{"pool": "mean", **kw}))
     with pytest.raises(CheckpointError, match="pool 'cls' there, 'mean' here"):
         train(small(tmp_path, epochs=2, any_depth_epochs=0))
+
+
+def test_the_teacher_s_top_class_is_the_target_it_is_given_weight_for():
+    import torch
+
+    from srvit.model import SRViT
+    from srvit.registry import model_config
+    from srvit.train import Objective
+
+    torch.manual_seed(0)
+    model = SRViT(model_config("srvit_fashion")).eval()
+    images, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    teacher_labels = (labels + 1) % 10  # a teacher that disagrees with every label
+    only_teacher = Objective(model, TrainConfig(teacher_weight=1.0, router_balance=0), any_depth=False)
+    loss, _ = only_teacher(images, labels, teacher_labels)
+    assert loss == only_teacher(images, teacher_labels)[0], "weight 1: the true labels no longer count"
+    half = Objective(model, TrainConfig(teacher_weight=0.5, router_balance=0), any_depth=False)
+    mixed = half(images, labels, teacher_labels)[0]
+    assert min(loss, half(images, labels)[0]) < mixed < max(loss, half(images, labels)[0])
+
+
+def test_the_teacher_network_takes_the_images_of_every_small_variant():
+    import torch
+
+    from srvit.teacher import small_cnn
+
+    assert small_cnn(1, 10)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert small_cnn(3, 100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert sum(p.numel() for p in small_cnn(1, 10).parameters()) == 870_826  # benchmarks/cnn_teacher_pilot.py's
 
 
 def _no_time(record: dict) -> dict:
