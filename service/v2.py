@@ -201,7 +201,8 @@ def _tensor_data(tensor: dict, binary: bytes, shape: list[int]) -> np.ndarray:
     if size is not None and not (_is_int(size) and size >= 0):
         raise BadRequest(f"binary_data_size must be a byte count, got {size!r}")
     try:
-        data = np.frombuffer(binary[:size], "<f4") if size is not None else np.asarray(tensor["data"], np.float32)
+        with np.errstate(over="ignore"):  # a number beyond float32 becomes infinity, refused below
+            data = np.frombuffer(binary[:size], "<f4") if size is not None else np.asarray(tensor["data"], np.float32)
         data = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
     except (KeyError, ValueError, TypeError, OverflowError) as e:
         raise BadRequest(f"input data does not fill shape {shape} ({e})") from e
