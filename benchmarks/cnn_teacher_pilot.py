@@ -1,5 +1,5 @@
 """How good, and how fast on this machine, is a small CNN on Fashion-MNIST? A candidate teacher for distilling
-into srvit_fashion (docs/training.md, "What we would try next").
+into srvit_fashion, measured before `srvit train --teacher-epochs` existed (docs/training.md has that run).
 
 The network of `srvit.teacher.small_cnn`; AdamW with a one-cycle schedule, label smoothing 0.1, the ±2 px shift and
 flip of `srvit.data.shift_flip`. Prints test top-1 and seconds after every epoch.
