@@ -14,17 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from srvit.data import FASHION_MNIST_DIR, fashion_mnist_dataset, shift_flip
-from srvit.teacher import small_cnn
-
-
-@torch.no_grad()
-def top1(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    net.eval()
-    correct = sum((net(x[i : i + 1000]).argmax(-1) == y[i : i + 1000]).sum().item() for i in range(0, len(x), 1000))
-    return correct / len(x)
+from srvit.teacher import small_cnn, top1
 
 
 def main() -> None:
@@ -34,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y = fashion_mnist_dataset(FASHION_MNIST_DIR, "train").tensors
-    x_test, y_test = fashion_mnist_dataset(FASHION_MNIST_DIR, "test").tensors
+    test = fashion_mnist_dataset(FASHION_MNIST_DIR, "test")
     net = small_cnn(1, 10)
     steps_per_epoch = len(x) // args.batch_size
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
@@ -52,7 +44,8 @@ def main() -> None:
             opt.step()
             schedule.step()
         seconds = time.time() - t0
-        print(f"epoch {epoch}: test top-1 {100 * top1(net, x_test, y_test):.2f}%, {seconds:.0f} s", flush=True)
+        accuracy = top1(net, test, torch.device("cpu"))
+        print(f"epoch {epoch}: test top-1 {100 * accuracy:.2f}%, {seconds:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,6 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.label_smoothing, self.any_depth = model, cfg.label_smoothing, any_depth
         self.router_balance, self.distill_weight = cfg.router_balance, cfg.distill_weight
-
         self.teacher_weight = cfg.teacher_weight
 
     def forward(
@@ -188,13 +188,13 @@ def train(cfg: TrainConfig) -> Path:
     small_images = isinstance(train_ds, torch.utils.data.TensorDataset)
     teacher = None
     if cfg.teacher_epochs:
-        where = out / "teacher.safetensors"
         args = (mcfg.in_chans, mcfg.num_classes, train_ds, test_ds, cfg.teacher_epochs, env.device, small_images)
+        load_teacher = partial(load_or_train_teacher, out / "teacher.safetensors", *args, cfg.seed)
         if env.main:  # rank 0 trains it (or finds it in the run folder), the others then load its file
-            teacher = load_or_train_teacher(where, *args, cfg.seed)
+            teacher = load_teacher()
         env.barrier()
         if not env.main:
-            teacher = load_or_train_teacher(where, *args, cfg.seed)
+            teacher = load_teacher()
     total_epochs = cfg.epochs + cfg.any_depth_epochs
     for epoch in range(state["epoch"], total_epochs):
         t0 = time.time()
