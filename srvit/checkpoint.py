@@ -124,6 +124,8 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     """Restore weights and optimizer (and, unless told not to, the random number generators); returns `meta`."""
     meta = read_metadata(path)
     saved, ours = meta.get("model_config"), model.cfg.to_dict()
+    if saved is not None:  # fields added since the run was saved take their defaults, as in load_checkpoint
+        saved = {**SRViTConfig().to_dict(), **saved}
     if saved is not None and saved != ours:
         changed = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v)
         raise CheckpointError(f"{path} is a run of another model config ({changed}): train into a new --out")

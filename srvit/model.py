@@ -22,7 +22,8 @@ class SRViTConfig:
     mlp_ratio: float = 4.0
     max_depth: int = 4  # recursion steps per block; forward() accepts any depth in 1..max_depth
     router_hidden: int = 384  # hidden width of each block's router MLP
-    stem: str = "patch"  # "patch": one strided conv; "conv": three 3x3 convs, two of stride 2 (patch_size 4)
+    stem: str = "patch"  # "patch": one strided conv; "conv": 3x3 convs with BatchNorm, two of stride 2 (patch_size 4)
+    stem_convs: int = 3  # "conv" stem: its 3x3 convs; those beyond 3 are stride-1 convs at half resolution
     pool: str = "cls"  # "cls": the head reads a class token (DeiT); "mean": the mean of the patch tokens
 
     def __post_init__(self):
@@ -34,6 +35,8 @@ class SRViTConfig:
             raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
         if self.stem == "conv" and self.patch_size != 4:
             raise ValueError("the 'conv' stem downsamples by 4, so it needs patch_size=4")
+        if self.stem == "conv" and self.stem_convs < 3:
+            raise ValueError(f"the 'conv' stem has at least 3 convs, got stem_convs={self.stem_convs}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.max_depth < 1:
@@ -69,14 +72,12 @@ class PatchEmbed(nn.Module):
         if cfg.stem == "patch":
             self.proj = nn.Conv2d(cfg.in_chans, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         else:  # early convolutions (with BatchNorm, as in Xiao et al. 2021) make small ViTs train much faster
+            extra = [m for _ in range(cfg.stem_convs - 3) for m in _conv_bn(d // 2, d // 2, stride=1)]
             self.proj = nn.Sequential(
-                nn.Conv2d(cfg.in_chans, d // 4, kernel_size=3, stride=1, padding=1, bias=False),
-                nn.BatchNorm2d(d // 4),
-                nn.GELU(),
-                nn.Conv2d(d // 4, d // 2, kernel_size=3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(d // 2),
-                nn.GELU(),
-                nn.Conv2d(d // 2, d, kernel_size=3, stride=2, padding=1),
+                *_conv_bn(cfg.in_chans, d // 4, stride=1),  # full resolution
+                *_conv_bn(d // 4, d // 2, stride=2),  # half resolution
+                *extra,  # more locality, cheaply, at half resolution
+                nn.Conv2d(d // 2, d, kernel_size=3, stride=2, padding=1),  # a quarter: one token per 4x4 patch
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,6 +249,10 @@ class FixedDepth(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images, self.depth)
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -132,3 +132,24 @@ def test_router_usage_names_the_class_token_only_when_there_is_one(pool):
     usage = router_usage(model, ds, n=4)
     assert sorted(usage) == (["all_tokens", "class_token"] if pool == "cls" else ["all_tokens"])
     assert sum(usage["all_tokens"]) == pytest.approx(1.0, abs=0.01)
+
+
+def test_extra_stem_convs_work_at_half_resolution_and_leave_the_tokens_alone():
+    base = SRViTConfig(img_size=28, patch_size=4, stem="conv", in_chans=1, num_classes=10, embed_dim=16,
+                       num_blocks=1, num_heads=2, mlp_ratio=2.0, max_depth=2, router_hidden=8)  # fmt: skip
+    deeper = dataclasses.replace(base, stem_convs=5)
+    torch.manual_seed(0)
+    small, big = SRViT(base).eval(), SRViT(deeper).eval()
+    x = images(base)
+    assert small.patch_embed(x).shape == big.patch_embed(x).shape == (2, 49, 16)
+    half = base.embed_dim // 2  # two more 3x3 convs of half-width channels, each with a BatchNorm's weight and bias
+    assert count_parameters(big) - count_parameters(small) == 2 * (9 * half * half + 2 * half)
+    assert torch.isfinite(big(x)).all()
+    with pytest.raises(ValueError, match="at least 3 convs"):
+        dataclasses.replace(base, stem_convs=2)
+
+
+def test_a_config_written_before_stem_convs_existed_builds_the_three_conv_stem():
+    d = model_config("srvit_fashion").to_dict()
+    del d["stem_convs"]
+    assert SRViTConfig.from_dict(d).stem_convs == 3

@@ -136,6 +136,22 @@ def test_resuming_a_run_of_another_model_config_says_so(tmp_path, monkeypatch):
         train(small(tmp_path, epochs=2, any_depth_epochs=0))
 
 
+def test_a_run_saved_before_a_model_config_field_existed_still_resumes(tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    real = srvit.train.model_config  # the stem of that time: the field's default
+    monkeypatch.setattr(srvit.train, "model_config", lambda name, **kw: real(name, **{"stem_convs": 3, **kw}))
+    train(small(tmp_path, epochs=1, any_depth_epochs=0))
+    last = tmp_path / "last.safetensors"
+    with safe_open(str(last), "pt") as f:
+        meta = json.loads(f.metadata()["srvit"])
+    del meta["model_config"]["stem_convs"]  # as written before the field was added
+    save_file(load_file(str(last)), str(last), {"srvit": json.dumps(meta)})
+    train(small(tmp_path, epochs=2, any_depth_epochs=0))
+    assert [r["epoch"] for r in history(tmp_path)] == [1, 2]
+
+
 def test_the_teacher_s_top_class_is_the_target_it_is_given_weight_for():
     import torch
 
