@@ -104,24 +104,36 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[SRViT, dict]:
     return model.to(device).eval(), meta
 
 
-def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+                        rng_states: list[tuple[torch.Tensor, tuple]] | None = None) -> None:  # fmt: skip
     """Everything needed to resume: weights, AdamW moments and step counters, the random number generators
-    (torch's and Python's: augmentation and depth sampling draw from them), progress in `meta`."""
+    (torch's and Python's: augmentation and depth sampling draw from them), progress in `meta`.
+
+    `rng_states` holds every process's (torch, Python) generator states under torchrun, rank by rank
+    (`rng_state()`); by default, this process's own."""
+    rng_states = rng_states or [rng_state()]
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update({f"rng.torch.{rank}": torch_state for rank, (torch_state, _) in enumerate(rng_states)})
     opt = optimizer.state_dict()
     steps = {}
     for idx, st in opt["state"].items():
         steps[str(idx)] = float(st["step"])
         tensors.update({f"optim.{idx}.{k}": v for k, v in st.items() if k != "step"})
     meta = {"format": FORMAT, **meta, "optim_steps": steps, "param_groups": opt["param_groups"]}
-    meta["rng_python"] = random.getstate()
+    meta["rng_python"] = [python_state for _, python_state in rng_states]
     _atomic_save(tensors, Path(path), {"srvit": json.dumps(meta)})
 
 
+def rng_state() -> tuple[torch.Tensor, tuple]:
+    return torch.get_rng_state(), random.getstate()
+
+
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        restore_rng: bool = True) -> dict:  # fmt: skip
-    """Restore weights and optimizer (and, unless told not to, the random number generators); returns `meta`."""
+                        rank: int = 0, world: int = 1) -> dict:  # fmt: skip
+    """Restore weights, optimizer and this process's random number generators; returns `meta`.
+
+    The generators come back only when the run was saved by as many processes as resume it: with
+    another world size, each process keeps the seed it started with, and the draws differ."""
     meta = read_metadata(path)
     saved, ours = meta.get("model_config"), model.cfg.to_dict()
     if saved is not None:  # fields added since the run was saved take their defaults, as in load_checkpoint
@@ -139,8 +151,10 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             _, idx, name = k.split(".", 2)
             opt_state[int(idx)][name] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    if restore_rng and "rng.torch" in tensors:  # older files have none: the run goes on, with other draws
-        torch.set_rng_state(tensors["rng.torch"])
-        version, state, gauss = meta["rng_python"]
+    if "rng.torch" in tensors:  # written before every rank's generators were kept: one process's
+        tensors["rng.torch.0"], meta["rng_python"] = tensors["rng.torch"], [meta["rng_python"]]
+    if len(meta.get("rng_python", [])) == world:
+        torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+        version, state, gauss = meta["rng_python"][rank]
         random.setstate((version, tuple(state), gauss))
     return meta

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from srvit import data as D
-from srvit.checkpoint import load_training_state, save_checkpoint, save_training_state
+from srvit.checkpoint import load_training_state, rng_state, save_checkpoint, save_training_state
 from srvit.evaluate import count_correct, router_usage
 from srvit.model import SRViT
 from srvit.registry import model_config
@@ -139,6 +139,14 @@ class Distributed:
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
 
+    def gather(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order (on every rank)."""
+        if self.world == 1:
+            return [obj]
+        objs = [None] * self.world
+        dist.all_gather_object(objs, obj)
+        return objs
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -181,8 +189,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     state = {"epoch": 0, "history": [], "train_seconds": 0.0}
     if cfg.resume and (out / "last.safetensors").exists():
-        # One process continues its own random draws; under torchrun each rank keeps its own seed instead.
-        state = load_training_state(out / "last.safetensors", model, optimizer, restore_rng=env.world == 1)
+        state = load_training_state(out / "last.safetensors", model, optimizer, env.rank, env.world)
         if env.main:
             print(f"resumed from {out / 'last.safetensors'} at epoch {state['epoch']}")
     small_images = isinstance(train_ds, torch.utils.data.TensorDataset)
@@ -205,11 +212,13 @@ def train(cfg: TrainConfig) -> Path:
         record["test_top1"] = evaluate_sharded(model, test_ds, env)
         if env.main:
             record["router_usage"] = router_usage(model, test_ds, env.device)
+        rng_states = env.gather(rng_state())  # after the epoch's last draw: a resume goes on with the next one
+        if env.main:
             print(json.dumps(record))
             state["history"].append(record)
             state["epoch"] = epoch + 1
             progress = {**state, "train_config": asdict(cfg), "model_config": model.cfg.to_dict()}
-            save_training_state(out / "last.safetensors", model, optimizer, progress)
+            save_training_state(out / "last.safetensors", model, optimizer, progress, rng_states)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if epoch + 1 == cfg.epochs:  # keep phase 1's end: phase 2 can be rerun from it (copy to last.safetensors)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def small(out: Path, **kw) -> TrainConfig:
-    base = dict(out=str(out), epochs=2, any_depth_epochs=1, limit=512, eval_limit=200, batch_size=64, lr=3e-3)
+    base = dict(out=str(out), epochs=2, any_depth_epochs=1, limit=512, eval_limit=200, batch_size=64, lr=3e-3,
+                teacher_epochs=0)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
@@ -65,13 +66,18 @@ def load_training_history(out: Path) -> list[dict]:
     return load_checkpoint(out / "model.safetensors")[1]["training"]["history"]
 
 
-def test_two_process_ddp_on_cpu(tmp_path):
+def torchrun_train(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "srvit.cli", "train", "--out", str(tmp_path), "--epochs", "1", "--any-depth-epochs", "1",
-           "--limit", "256", "--eval-limit", "100", "--batch-size", "64", "--teacher-epochs", "1"]  # fmt: skip
+           "-m", "srvit.cli", "train", "--out", str(out), "--limit", "256", "--eval-limit", "100",
+           "--batch-size", "64", *args]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    done = torchrun_train(tmp_path, "--epochs", "1", "--any-depth-epochs", "1", "--teacher-epochs", "1")
     h = history(tmp_path)
     assert len(h) == 2, "only rank 0 writes the log"
     assert done.stdout.count('"teacher"') == 1, "rank 0 trains the teacher, rank 1 loads it"
@@ -80,6 +86,15 @@ def test_two_process_ddp_on_cpu(tmp_path):
     test = fashion_mnist_dataset(FASHION_MNIST_DIR, "test", limit=100)
     logged = {int(d): top1 for d, top1 in h[-1]["test_top1"].items()}
     assert logged == evaluate_depths(model, test), "each rank evaluates half the images; the log has them all"
+
+
+def test_a_torchrun_run_resumed_goes_on_with_every_rank_s_own_draws(tmp_path):
+    common = ["--epochs", "1", "--augment"]
+    torchrun_train(tmp_path / "unbroken", *common, "--any-depth-epochs", "1")
+    torchrun_train(tmp_path / "resumed", *common, "--any-depth-epochs", "0")  # stops after phase 1
+    done = torchrun_train(tmp_path / "resumed", *common, "--any-depth-epochs", "1")  # resumes into phase 2
+    assert "resumed from" in done.stdout
+    assert_same_run(tmp_path / "unbroken", tmp_path / "resumed")
 
 
 def test_an_imagefolder_tree_trains_with_its_own_classes(tmp_path):
@@ -120,12 +135,7 @@ def test_a_run_resumed_in_phase_two_draws_the_same_augmentation_and_depths_as_an
     train(small(tmp_path / "resumed", **cfg))  # the same command again
     if teacher_epochs:
         assert teacher.stat().st_mtime_ns == trained_at, "the resumed run reuses its teacher, it does not train another"
-    unbroken, resumed = history(tmp_path / "unbroken"), history(tmp_path / "resumed")
-    assert [_no_time(r) for r in resumed] == [_no_time(r) for r in unbroken]
-    a, _ = load_checkpoint(tmp_path / "unbroken" / "model.safetensors")
-    b, _ = load_checkpoint(tmp_path / "resumed" / "model.safetensors")
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert (x == y).all(), name
+    assert_same_run(tmp_path / "unbroken", tmp_path / "resumed")
 
 
 def test_resuming_a_run_of_another_model_config_says_so(tmp_path, monkeypatch):
@@ -179,6 +189,15 @@ def test_the_teacher_network_takes_the_images_of_every_small_variant():
     assert small_cnn(1, 10)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert small_cnn(3, 100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
     assert sum(p.numel() for p in small_cnn(1, 10).parameters()) == 870_826  # benchmarks/cnn_teacher_pilot.py's
+
+
+def assert_same_run(unbroken: Path, resumed: Path) -> None:
+    """The same log, epoch by epoch (but for the time taken), and bit-identical final weights."""
+    assert [_no_time(r) for r in history(resumed)] == [_no_time(r) for r in history(unbroken)]
+    a, _ = load_checkpoint(unbroken / "model.safetensors")
+    b, _ = load_checkpoint(resumed / "model.safetensors")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert (x == y).all(), name
 
 
 def _no_time(record: dict) -> dict:
