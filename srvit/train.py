@@ -8,6 +8,9 @@ Phase 2 ("any-depth", `any_depth_epochs`): the sandwich rule with the router fro
 cross-entropy at max depth plus distillation of depth 1 and one random middle depth
 toward the max-depth prediction, at a lower learning rate. Shallow depths recover and
 the deepest keeps its accuracy, so accuracy rises with depth.
+
+Both phases can learn from a small CNN teacher as well (`teacher_epochs`, on by default): it is
+trained first, and its top class is a second target next to the true label (srvit/teacher.py).
 """
 
 from __future__ import annotations
