@@ -136,11 +136,11 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     another world size, each process keeps the seed it started with, and the draws differ."""
     meta = read_metadata(path)
     saved, ours = meta.get("model_config"), model.cfg.to_dict()
-    if saved is not None:  # fields added since the run was saved take their defaults, as in load_checkpoint
-        saved = {**SRViTConfig().to_dict(), **saved}
-    if saved is not None and saved != ours:
-        changed = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v)
-        raise CheckpointError(f"{path} is a run of another model config ({changed}): train into a new --out")
+    if saved is not None:
+        saved = {**SRViTConfig().to_dict(), **saved}  # fields added since the run was saved take their defaults
+        if saved != ours:
+            changed = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v)
+            raise CheckpointError(f"{path} is a run of another model config ({changed}): train into a new --out")
     tensors = load_file(str(path))
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     check_state_dict(model, state, f"{path} (a run of another model config? train into a new --out)")
