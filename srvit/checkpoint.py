@@ -137,7 +137,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     meta = read_metadata(path)
     saved, ours = meta.get("model_config"), model.cfg.to_dict()
     if saved is not None:
-        saved = {**SRViTConfig().to_dict(), **saved}  # fields added since the run was saved take their defaults
+        saved = SRViTConfig.from_dict(saved).to_dict()  # fields added since the run was saved take their defaults
         if saved != ours:
             changed = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v)
             raise CheckpointError(f"{path} is a run of another model config ({changed}): train into a new --out")

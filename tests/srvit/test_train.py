@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import srvit.train
-from srvit.checkpoint import CheckpointError, load_checkpoint
+from srvit.checkpoint import CheckpointError, load_checkpoint, read_metadata
 from srvit.data import FASHION_MNIST_DIR, fashion_mnist_dataset
 from srvit.evaluate import evaluate_depths
 from srvit.train import train
@@ -147,15 +147,13 @@ def test_resuming_a_run_of_another_model_config_says_so(tmp_path, monkeypatch):
 
 
 def test_a_run_saved_before_a_model_config_field_existed_still_resumes(tmp_path, monkeypatch):
-    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     real = srvit.train.model_config  # the stem of that time: the field's default
     monkeypatch.setattr(srvit.train, "model_config", lambda name, **kw: real(name, **{"stem_convs": 3, **kw}))
     train(small(tmp_path, epochs=1, any_depth_epochs=0))
     last = tmp_path / "last.safetensors"
-    with safe_open(str(last), "pt") as f:
-        meta = json.loads(f.metadata()["srvit"])
+    meta = read_metadata(last)
     del meta["model_config"]["stem_convs"]  # as written before the field was added
     save_file(load_file(str(last)), str(last), {"srvit": json.dumps(meta)})
     train(small(tmp_path, epochs=2, any_depth_epochs=0))
