@@ -155,7 +155,8 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.world > 1:  # wait for rank 0's saving: no rank tears gloo down while another may still use it
+            dist.barrier()
             dist.destroy_process_group()
 
 
