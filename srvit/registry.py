@@ -54,6 +54,6 @@ def srvit_fashion(**overrides) -> SRViTConfig:
     """28x28 grayscale, 10 classes: small enough to train on two CPU cores."""
     kw = dict(
         img_size=28, patch_size=4, stem="conv", in_chans=1, num_classes=10,
-        embed_dim=96, num_blocks=3, num_heads=3, mlp_ratio=2.0, router_hidden=96, stem_convs=5,
+        embed_dim=96, num_blocks=2, num_heads=3, mlp_ratio=2.0, router_hidden=96, stem_convs=5,
     )  # fmt: skip
     return SRViTConfig(**{**kw, **overrides})
