@@ -1,6 +1,6 @@
 """A small convolutional teacher for distillation into SR-ViT, as DeiT distils from a CNN.
 
-A 0.35M-parameter ViT on 60k small images lacks the locality a convolution has built in; a CNN trained
+A 0.27M-parameter ViT on 60k small images lacks the locality a convolution has built in; a CNN trained
 for a few minutes carries it, and its predictions become a second target for the student
 (`Objective`: hard distillation, cross-entropy toward the teacher's top class).
 
