@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +12,19 @@ from safetensors import SafetensorError
 
 from export import parity as checks
 from export.errors import ExportError
-from export.manifest import build_manifest, file_entries, software_versions, write_manifest
+from export.manifest import build_manifest, software_versions
 from export.onnx_graph import check_graph, trace
 from export.publish import publish, remove_stale, staging
 from export.report import Steps, summary_table
 from export.samples import Samples, find_samples
 from export.triton import config_pbtxt
-from srvit.checkpoint import load_checkpoint, sha256_file
-from srvit.data import FASHION_MNIST_DIR
+from modelrepo.files import file_entries, sha256_file
+from modelrepo.idx import FASHION_MNIST_DIR
+from modelrepo.manifest import CONFIG_FILE, LABELS_FILE, MODEL_FILES, NAME_PATTERN, ONNX, TENSORRT, folder_name
+from modelrepo.manifest import dump as dump_manifest
+from srvit.checkpoint import load_checkpoint
 from srvit.model import SRViT
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder, a Triton model and a metric label
 PRECISIONS = ("fp32", "fp16")
 MAX_ATOL = 1e-4  # the parity gate of ONNX Runtime vs PyTorch: --atol may tighten it, never loosen it
 STEPS_PER_DEPTH, TRT_STEPS_PER_DEPTH = 4, 3
@@ -145,9 +146,9 @@ def check_depths(depths: list[int] | None, max_depth: int) -> list[int]:
 
 def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
     """One depth's ONNX model folder, checked step by step, and its TensorRT folder if asked for."""
-    t0, triton_name = time.perf_counter(), f"{job.name}_d{depth}"
-    folder = stage / triton_name
-    model_path = folder / str(job.version) / "model.onnx"
+    t0 = time.perf_counter()
+    folder = stage / folder_name(job.name, depth, ONNX)
+    model_path = folder / str(job.version) / MODEL_FILES[ONNX]
     model_path.parent.mkdir(parents=True)
     with steps.step(f"d{depth}: trace ONNX (opset 18, dynamic batch)"):
         trace(job.model, depth, model_path)
@@ -161,8 +162,8 @@ def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
         checks.require(result, f"depth {depth}, ONNX Runtime vs PyTorch", job.atol, 1.0)
     with steps.step(f"d{depth}: top-1 accuracy with ONNX Runtime {_on(job.samples)}"):
         accuracy = heldout_accuracy(run, job)
-    write_folder(job, folder, depth, "onnxruntime_onnx", _parity(job, "pytorch", result, job.atol), accuracy)
-    rows = [_row(job, folder, depth, "onnxruntime_onnx", result, accuracy, t0)]
+    write_folder(job, folder, depth, ONNX, _parity(job, "pytorch", result, job.atol), accuracy)
+    rows = [_row(job, folder, depth, ONNX, result, accuracy, t0)]
     if job.tensorrt is not None:
         rows.append(export_engine(job, depth, model_path, ort_logits, stage, steps))
     return rows
@@ -171,8 +172,8 @@ def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
 def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path, steps: Steps) -> dict:
     """A TensorRT engine from the checked ONNX graph, held to ONNX Runtime's logits on the same images."""
     trt, t0 = _tensorrt(), time.perf_counter()
-    folder = stage / f"{job.name}_d{depth}_trt"
-    plan_path = folder / str(job.version) / "model.plan"
+    folder = stage / folder_name(job.name, depth, TENSORRT)
+    plan_path = folder / str(job.version) / MODEL_FILES[TENSORRT]
     plan_path.parent.mkdir(parents=True)
     with steps.step(f"d{depth}: build TensorRT engine ({job.precision}, batch 1..{job.max_batch})"):
         engine = trt.build_engine(onnx_path, plan_path, job.chw, job.max_batch, job.precision)
@@ -188,12 +189,12 @@ def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path
         job,
         folder,
         depth,
-        "tensorrt_plan",
+        TENSORRT,
         _parity(job, "onnxruntime", result, trt.PARITY[job.precision][0]),
         accuracy,
         engine_info,
     )
-    return _row(job, folder, depth, "tensorrt_plan", result, accuracy, t0)
+    return _row(job, folder, depth, TENSORRT, result, accuracy, t0)
 
 
 def heldout_accuracy(run: checks.Runner, job: Job) -> dict | None:
@@ -210,16 +211,16 @@ def write_folder(job: Job, folder: Path, depth: int, platform: str, parity: dict
                  tensorrt: dict | None = None) -> None:  # fmt: skip
     """labels.txt, config.pbtxt and last the manifest, whose checksums cover the other files."""
     cfg, model_file = job.model.cfg, next((folder / str(job.version)).iterdir())
-    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in job.meta["labels"]))
-    (folder / "config.pbtxt").write_text(config_pbtxt(folder.name, platform, job.max_batch, job.chw, cfg.num_classes))
-    files = file_entries(folder, ["config.pbtxt", "labels.txt", str(model_file.relative_to(folder))])
+    (folder / LABELS_FILE).write_text("".join(f"{label}\n" for label in job.meta["labels"]))
+    (folder / CONFIG_FILE).write_text(config_pbtxt(folder.name, platform, job.max_batch, job.chw, cfg.num_classes))
+    files = file_entries(folder, [CONFIG_FILE, LABELS_FILE, str(model_file.relative_to(folder))])
     manifest = build_manifest(
         name=job.name, triton_name=folder.name, version=job.version, depth=depth, platform=platform,
         max_batch=job.max_batch, meta=job.meta, cfg=cfg, checkpoint=job.checkpoint,
         versions=software_versions(tensorrt and tensorrt["version"]), parity=parity, accuracy=accuracy,
         files=files, tensorrt=tensorrt,
     )  # fmt: skip
-    write_manifest(folder, manifest)
+    dump_manifest(manifest, folder)
 
 
 def _parity(job: Job, reference: str, result: dict, atol: float | None) -> dict:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from modelrepo.manifest import MANIFEST_FILE, folder_pattern
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ def remove_stale(repo: Path, name: str, keep: set[str], checkpoint_sha256: str) 
     another checkpoint (or no readable manifest): left in place, they would serve other weights at some depths.
     Folders of the same checkpoint stay, so `--depths 2` re-exports one depth without losing the others.
     Call only after `publish`."""
-    ours = re.compile(rf"{re.escape(name)}_d[0-9]+(_trt)?")
+    ours = folder_pattern(name)
     stale = sorted(
         p
         for p in repo.iterdir()
@@ -54,8 +55,9 @@ def remove_stale(repo: Path, name: str, keep: set[str], checkpoint_sha256: str) 
 
 
 def _checkpoint_of(folder: Path) -> str | None:
+    """Read leniently (not through `Manifest.load`): only the checkpoint decides whether a folder is stale."""
     try:
-        return json.loads((folder / "manifest.json").read_text())["checkpoint"]["sha256"]
+        return json.loads((folder / MANIFEST_FILE).read_text())["checkpoint"]["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from collections.abc import Iterator
 from pathlib import Path
 
 from export.errors import ExportError
 from export.parity import Runner
+from modelrepo.gpu import find_gpu
 
 # Against ONNX Runtime fp32 on the parity images: (max |Δlogit| allowed or None, top-1 agreement needed).
 # fp16 logits drift by ~1e-2, so only agreement is gated; fp32 without TF32 should match to ~1e-5.
 PARITY = {"fp32": (1e-3, 0.995), "fp16": (None, 0.995)}
-CU_COMPUTE_CAPABILITY_MAJOR, CU_COMPUTE_CAPABILITY_MINOR = 75, 76
 
 
 def check_available() -> dict:
@@ -35,21 +34,9 @@ def check_available() -> dict:
 
 
 def gpu() -> dict | None:
-    """Device 0 through the CUDA driver API (ctypes, no CUDA Python): an engine only runs on the GPU
-    architecture it was built on, so the manifest records which one that was."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    count, device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return None
-    name = ctypes.create_string_buffer(256)
-    cuda.cuDeviceGet(ctypes.byref(device), 0)
-    cuda.cuDeviceGetName(name, len(name), device)
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), CU_COMPUTE_CAPABILITY_MAJOR, device)
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), CU_COMPUTE_CAPABILITY_MINOR, device)
-    return {"gpu": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
+    """Device 0, for the manifest: an engine only runs on the GPU architecture it was built on."""
+    found = find_gpu()
+    return None if found is None else {"gpu": found.name, "compute_capability": found.compute_capability}
 
 
 def profile(max_batch: int) -> dict:

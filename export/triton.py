@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from modelrepo.manifest import LABELS_FILE, ONNX, TENSORRT
+
 MAX_QUEUE_DELAY_US = 1000  # a 1 ms wait to fill a batch: small next to one batch's compute, big next to arrivals
-KIND = {"onnxruntime_onnx": "KIND_CPU", "tensorrt_plan": "KIND_GPU"}
+KIND = {ONNX: "KIND_CPU", TENSORRT: "KIND_GPU"}
 
 
 def preferred_batch_sizes(max_batch: int) -> list[int]:
@@ -30,7 +32,7 @@ output [
     name: "logits"
     data_type: TYPE_FP32
     dims: {_list([num_classes])}
-    label_filename: "labels.txt"
+    label_filename: "{LABELS_FILE}"
   }}
 ]
 dynamic_batching {{

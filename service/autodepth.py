@@ -82,11 +82,18 @@ class AutoDepth:
 
     def decide(self, forecast: Forecast, now: float, budget_ms: float | None = None,
                probe: Forecast | None = None) -> Decision | None:  # fmt: skip
-        """The depth for one request, or None to reject it.
+        """`follow` the load `probe` shows (default: `forecast`), then `choose` this request's depth."""
+        self.follow(probe or forecast, now)
+        return self.choose(forecast, budget_ms)
 
-        `probe` is the forecast of a typical request (one image, the usual wait so far), which moves the
-        server-wide `current`; it defaults to `forecast`. A request of many images, or one slow to decode,
-        must not make every depth look slow for everyone else.
+    def follow(self, probe: Forecast, now: float) -> None:
+        """Move the server-wide `current` by the forecast of a typical request (one image, the usual wait so
+        far): a request of many images, or one slow to decode, must not make every depth look slow for
+        everyone else. The only place `current` changes, besides `observe`'s feedback."""
+        self._follow(probe, now)
+
+    def choose(self, forecast: Forecast, budget_ms: float | None = None) -> Decision | None:
+        """The depth for one request, or None to reject it; reads `current`, changes nothing.
 
         The depth is the deepest that fits the target (or the request's tighter budget), else the shallowest.
         Rejection is judged against the request's own budget (the target when it has none): only when the
@@ -94,7 +101,6 @@ class AutoDepth:
         time already spent included). A generous timeout_ms behind a backlog is served shallow rather than
         refused; a budget that even an idle device misses gets the shallowest depth, and the request's
         deadline decides."""
-        self._follow(probe or forecast, now)
         own = self.policy.target_ms if budget_ms is None else budget_ms
         budget = min(own, self.policy.target_ms)
         depth = _deepest(forecast.loaded_ms, budget, (d for d in self.depths if d <= self.current))

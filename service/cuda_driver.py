@@ -9,13 +9,10 @@ import ctypes
 
 import numpy as np
 
-CU_COMPUTE_CAPABILITY_MAJOR, CU_COMPUTE_CAPABILITY_MINOR = 75, 76
+from modelrepo.gpu import libcuda
+
 _ptr, _size, _handle = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
-_SIGNATURES = {
-    "cuInit": [ctypes.c_uint],
-    "cuDeviceGetCount": [ctypes.POINTER(ctypes.c_int)],
-    "cuDeviceGet": [ctypes.POINTER(ctypes.c_int), ctypes.c_int],
-    "cuDeviceGetAttribute": [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
+_SIGNATURES = {  # beyond the device probe's own (modelrepo.gpu)
     "cuDevicePrimaryCtxRetain": [ctypes.POINTER(_handle), ctypes.c_int],
     "cuDevicePrimaryCtxRelease_v2": [ctypes.c_int],
     "cuCtxSetCurrent": [_handle],
@@ -35,27 +32,13 @@ class CudaError(RuntimeError):
 
 
 def _load() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    lib = libcuda()
+    if lib is None:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = ctypes.c_int
     return lib
-
-
-def gpu_compute_capability(ordinal: int = 0) -> str | None:
-    """The compute capability of a GPU as "8.9", or None without a driver or a device."""
-    lib = _load()
-    count, device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    if lib is None or lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return None
-    if count.value <= ordinal or lib.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
-        return None
-    lib.cuDeviceGetAttribute(ctypes.byref(major), CU_COMPUTE_CAPABILITY_MAJOR, device)
-    lib.cuDeviceGetAttribute(ctypes.byref(minor), CU_COMPUTE_CAPABILITY_MINOR, device)
-    return f"{major.value}.{minor.value}"
 
 
 class CudaDevice:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 from PIL import ExifTags, Image, JpegImagePlugin
 
+from modelrepo.manifest import Preprocessing
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedMediaType
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -43,27 +44,30 @@ class Preprocessor:
     it is about hostile input: a format allowlist, a pixel limit checked before any decoding, frame 0 only,
     and every Pillow failure turned into a client error.
 
-    `preprocessing` is the manifest's dict; `max_pixels` bounds width*height before any pixel is decoded.
+    `preprocessing` is the manifest's (a plain mapping is read through the contract, `Preprocessing.from_dict`);
+    `max_pixels` bounds width*height before any pixel is decoded.
     Transparent images are composited onto `background` (a gray level, white by default: photos and
     product shots with alpha are meant to be seen on a page, and a black fill would invent a dark frame).
     """
 
     def __init__(
         self,
-        preprocessing: dict,
+        preprocessing: Preprocessing | Mapping,
         max_pixels: int,
         formats: Sequence[str] = DEFAULT_FORMATS,
         background: int = 255,
     ):
-        self.input_size = int(preprocessing["input_size"])
-        self.resize_size = int(preprocessing["resize_size"])
-        self.channels = preprocessing["channels"]
-        self.mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)  # [C, 1, 1]
-        self.std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)  # [C, 1, 1]
+        if not isinstance(preprocessing, Preprocessing):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        self.input_size = preprocessing.input_size
+        self.resize_size = preprocessing.resize_size
+        self.channels = preprocessing.channels
+        self.mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(-1, 1, 1)  # [C, 1, 1]
+        self.std = np.asarray(preprocessing.std, dtype=np.float32).reshape(-1, 1, 1)  # [C, 1, 1]
         self.max_pixels = int(max_pixels)
         self.formats = tuple(f.upper() for f in formats)
         self.background = int(background)
-        self._validate(preprocessing.get("interpolation", "bilinear"))
+        self._validate(preprocessing.interpolation)
         _let_our_pixel_limit_decide(self.max_pixels)
 
     def _validate(self, interpolation: str) -> None:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import QueryParams
 
+from service import health
 from service.body import IMAGE_FIELD, MULTIPART, RAW_TYPES, read_body, unless_disconnected
-from service.classifier import RequestContext
-from service.errors import InferenceFailed, InvalidParameter, NotReady, ServiceError
+from service.errors import InvalidParameter
+from service.http_context import service
 from service.http_errors import invalid_parameter, request_id
-from service.lifecycle import DRAINING, READY, Service
+from service.inference import ImageResult, InferRequest, InferResult
 from service.schemas import Classification, Classifications, ClassifyParams, ErrorBody, ModelList, Status
 
 router = APIRouter()
@@ -45,10 +44,6 @@ def _classify_openapi() -> dict:
     return {"requestBody": {"required": True, "content": content}, "parameters": query}
 
 
-def service(request: Request) -> Service:
-    return request.app.state.service
-
-
 @router.post(
     "/classify",
     response_model=Classification | Classifications,
@@ -59,24 +54,33 @@ def service(request: Request) -> Service:
     "`{results: [...]}` in part order. Parameters go in the query string, or as form fields of a multipart body.",
 )
 async def classify(request: Request) -> JSONResponse:
-    svc, loop = service(request), asyncio.get_running_loop()
-    ctx = RequestContext(request_id(request), loop.time())
-    status = 500
-    try:
-        with svc.request() as classifier:
-            s = svc.settings
-            body = await read_body(request, s.max_body_bytes, s.body_timeout_s, s.max_images_per_request)
-            params = classify_params(request.query_params, body.fields)
-            results = await unless_disconnected(request, classifier.classify(params, body.images, ctx))
-        status = 200
-    except ServiceError as error:
-        status = error.status
-        raise
-    finally:
-        svc.metrics.request(ctx.model, ctx.depth, status, loop.time() - ctx.received_at)
-    if len(results) == 1:
-        return JSONResponse(results[0])
-    return JSONResponse({"results": results, "request_id": ctx.request_id})
+    svc, rid = service(request), request_id(request)
+    with svc.accounting.track(rid) as ctx:
+        s = svc.settings
+        body = await read_body(request, s.max_body_bytes, s.body_timeout_s, s.max_images_per_request)
+        params = classify_params(request.query_params, body.fields)
+        timeout_s = None if params.timeout_ms is None else params.timeout_ms / 1000
+        infer = InferRequest(ctx, body.images, params.model, params.depth, timeout_s, params.top_k)
+        result = await unless_disconnected(request, svc.core.infer(infer))
+        answers = [classification(result, image, rid) for image in result.images]
+    if len(answers) == 1:
+        return JSONResponse(answers[0])
+    return JSONResponse({"results": answers, "request_id": rid})
+
+
+def classification(result: InferResult, image: ImageResult, rid: str) -> dict:
+    """One image's answer, as the `Classification` schema documents it."""
+    t = result.timing
+    return {
+        "model": result.model,
+        "model_version": result.model_version,
+        "depth_requested": result.depth_requested,
+        "depth_used": image.depth,
+        "depth_reason": image.depth_reason,
+        "predictions": image.predictions,
+        "timing_ms": {"queue": t.queue_ms, "inference": t.inference_ms, "total": t.total_ms},
+        "request_id": rid,
+    }
 
 
 def classify_params(query: QueryParams, fields: dict[str, str]) -> ClassifyParams:
@@ -93,42 +97,13 @@ def classify_params(query: QueryParams, fields: dict[str, str]) -> ClassifyParam
 @router.get("/v1/models", response_model=ModelList, summary="Served models, depths, accuracy and latency")
 async def models(request: Request) -> dict:
     svc = service(request)
-    if not (svc.ready or svc.state == DRAINING):
-        raise NotReady(f"the server is {svc.state}: retry shortly")
-    return {"models": [model_info(svc, name) for name in svc.served]}
-
-
-def model_info(svc: Service, name: str) -> dict:
-    served = svc.served[name]
-    model, profile = served.model, svc.device.profiles[name].to_dict()
-    return {
-        "name": name,
-        "version": str(model.version),
-        "max_depth": model.max_depth,
-        "default_depth": served.default_depth,
-        "auto_depth": served.auto.current,
-        "labels": len(model.labels),
-        "input_shape": model.manifest["input"]["shape"],
-        "depths": [depth_info(svc, model, depth, profile[str(depth)]) for depth in model.depths],
-    }
-
-
-def depth_info(svc: Service, model, depth: int, latency_ms: dict) -> dict:
-    key = (model.name, depth)
-    return {
-        "depth": depth,
-        "accuracy": model.accuracy(depth),
-        "latency_ms": latency_ms,
-        "runtime": svc.device.runtimes[key].provider,
-        "max_batch_size": svc.device.limits[key],
-    }
+    health.check_described(svc)
+    return {"models": svc.describe()}
 
 
 @router.get("/healthz", response_model=Status, summary="Liveness: the process answers and its device loop runs")
 async def healthz(request: Request) -> dict:
-    svc = service(request)
-    if svc.state == READY and not svc.device.batcher.running:
-        raise InferenceFailed("the batch executor stopped; restart the server")
+    health.check_live(service(request))
     return {"status": "live"}
 
 
@@ -136,10 +111,7 @@ async def healthz(request: Request) -> dict:
             summary="Readiness: 200 once every depth is warmed up and while the batch executor runs; 503 while "
             "starting or draining, or after the executor stopped")  # fmt: skip
 async def readyz(request: Request) -> dict:
-    svc = service(request)
-    if not svc.ready:
-        stopped = svc.state == READY  # ready in name, but its batch executor is gone
-        raise NotReady("the batch executor stopped; restart the server" if stopped else f"the server is {svc.state}")
+    health.check_ready(service(request))
     return {"status": "ready"}
 
 

@@ -10,6 +10,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from modelrepo.gpu import find_gpu
+from modelrepo.manifest import ONNX, TENSORRT
 from service.repository import Artifact, RepositoryError
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,8 @@ class OrtRuntime:
     """An InferenceSession tuned for one caller at a time: parallelism inside the operator, not across calls."""
 
     def __init__(self, artifact: Artifact, providers: list[str], intra_op_threads: int = 0, spinning: bool = False):
-        self.input_name = artifact.manifest["input"]["name"]
-        self.output_name = artifact.manifest["output"]["name"]
+        self.input_name = artifact.manifest.input.name
+        self.output_name = artifact.manifest.output.name
         try:
             self.session = ort.InferenceSession(
                 str(artifact.path), session_options(intra_op_threads, spinning), providers
@@ -92,9 +94,7 @@ def tensorrt_unavailable() -> str | None:
     """Why a native TensorRT engine cannot run here, or None when it can."""
     if importlib.util.find_spec("tensorrt") is None:
         return "the tensorrt package is not installed (pip install 'srvit[tensorrt]')"
-    from service.cuda_driver import gpu_compute_capability
-
-    if gpu_compute_capability() is None:
+    if find_gpu() is None:
         return "no NVIDIA GPU: libcuda.so.1 is missing or reports no device"
     return None
 
@@ -103,8 +103,8 @@ def open_runtime(
     artifacts: Sequence[Artifact], providers: Sequence[str], intra_op_threads: int = 0, spinning: bool = False
 ) -> Runtime:
     """The depth's TensorRT engine when it can run here and TensorRT is wanted, else its ONNX graph."""
-    engine = next((a for a in artifacts if a.platform == "tensorrt_plan"), None)
-    graph = next((a for a in artifacts if a.platform == "onnxruntime_onnx"), None)
+    engine = next((a for a in artifacts if a.platform == TENSORRT), None)
+    graph = next((a for a in artifacts if a.platform == ONNX), None)
     wants_engine = list(providers) == ["auto"] or any(p.lower() in ("tensorrt", PROVIDER_ORDER[0]) for p in providers)
     why_not = _engine_unusable(engine) if engine is not None and wants_engine else "not wanted"
     if engine is not None and why_not is None:
@@ -126,10 +126,8 @@ def _engine_unusable(engine: Artifact) -> str | None:
     reason = tensorrt_unavailable()
     if reason is not None:
         return reason
-    from service.cuda_driver import gpu_compute_capability
-
-    built_for = (engine.manifest.get("tensorrt") or {}).get("compute_capability")
-    here = gpu_compute_capability()
+    built_for, gpu = engine.manifest.compute_capability, find_gpu()
+    here = gpu and gpu.compute_capability
     if built_for is not None and built_for != here:
         return f"it was built for compute capability {built_for}, this GPU is {here}; rebuild it here"
     return None

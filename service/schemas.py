@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Depth = int | Literal["auto"]
+from service.inference import Depth
 
 
 class ClassifyParams(BaseModel):

@@ -23,15 +23,15 @@ class TensorRTRuntime:
     provider = "TensorRT"
 
     def __init__(self, artifact: Artifact):
-        self.input_name = artifact.manifest["input"]["name"]
-        self.output_name = artifact.manifest["output"]["name"]
+        self.input_name = artifact.manifest.input.name
+        self.output_name = artifact.manifest.output.name
         self.cuda = CudaDevice()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = self._deserialize(artifact)
         self.context = self.engine.create_execution_context()
         self.max_batch = self._profile_max_batch(artifact)
-        self.chw = tuple(artifact.manifest["input"]["shape"][1:])
-        self.classes = artifact.manifest["output"]["shape"][1]
+        self.chw = artifact.manifest.chw
+        self.classes = artifact.manifest.output.shape[1]
         self.stream = self.cuda.stream()
         self.d_input = self.cuda.alloc(self.max_batch * int(np.prod(self.chw)) * 4)
         self.d_output = self.cuda.alloc(self.max_batch * self.classes * 4)

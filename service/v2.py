@@ -7,19 +7,19 @@ the same model_repo/ works unchanged. Tensors travel as JSON or with the binary 
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from service import health
 from service.body import check_encoding, is_byte_count, receive, unless_disconnected
-from service.classifier import ServedModel
-from service.errors import BadRequest, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge, ServiceError
+from service.errors import BadRequest, InvalidParameter, ModelNotFound, PayloadTooLarge
+from service.http_context import service
 from service.http_errors import request_id
+from service.inference import Depth, InferRequest, InferResult, RequestContext, ServedModel
 from service.lifecycle import Service
-from service.schemas import ClassifyParams, Depth
 from service.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
@@ -29,58 +29,47 @@ US_PER_S = 1_000_000
 MAX_TIMEOUT_US = 3600 * US_PER_S  # an hour: longer is a mistake, and huge integers would overflow float math
 
 
-def service(request: Request) -> Service:
-    return request.app.state.service
-
-
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
     return {"name": "srvit", "version": "1", "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live", summary="200 while the process answers")
-async def live() -> dict:
+@router.get("/health/live", summary="200 while the process answers and its device loop runs")
+async def live(request: Request) -> dict:
+    health.check_live(service(request))
     return {"live": True}
 
 
 @router.get("/health/ready", summary="200 once every model is loaded and warmed up")
 async def ready(request: Request) -> dict:
-    if not service(request).ready:
-        raise NotReady(f"the server is {service(request).state}")
+    health.check_ready(service(request))
     return {"ready": True}
 
 
 def resolve(svc: Service, name: str, version: str | None = None) -> tuple[ServedModel, int | None]:
     """(model, depth fixed by a Triton folder name or None); the version must be the served one if given."""
-    if not svc.ready:
-        raise NotReady(f"the server is {svc.state}")
     for served in svc.served.values():
-        depth = _depth_named(served, name)
-        if served.model.name == name or depth is not None:
+        depth = served.model.depth_named(name)
+        if served.name == name or depth is not None:
             if version is not None and version != str(served.model.version):
                 raise ModelNotFound(f"{name} has no version {version}; served: {served.model.version}")
             return served, depth
     raise ModelNotFound(f"no model named {name!r}; served: {sorted(svc.served)} or their Triton folder names")
 
 
-def _depth_named(served: ServedModel, name: str) -> int | None:
-    for depth, artifacts in served.model.artifacts.items():
-        if any(a.manifest.get("triton_name") == name for a in artifacts):
-            return depth
-    return None
-
-
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata")
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    served, _ = resolve(service(request), name, version)
+    svc = service(request)
+    health.check_described(svc)
+    served, _ = resolve(svc, name, version)
     m = served.model.manifest
     return {
         "name": name,
         "versions": [str(served.model.version)],
         "platform": "srvit",
-        "inputs": [{"name": m["input"]["name"], "datatype": "FP32", "shape": m["input"]["shape"]}],
-        "outputs": [{"name": m["output"]["name"], "datatype": "FP32", "shape": m["output"]["shape"]}],
+        "inputs": [{"name": m.input.name, "datatype": m.input.datatype, "shape": list(m.input.shape)}],
+        "outputs": [{"name": m.output.name, "datatype": m.output.datatype, "shape": list(m.output.shape)}],
         "parameters": {"depths": served.model.depths, "default_depth": served.default_depth},
     }
 
@@ -88,33 +77,27 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 @router.get("/models/{name}/ready", summary="200 when the model is ready")
 @router.get("/models/{name}/versions/{version}/ready", summary="200 when the model is ready")
 async def model_ready(request: Request, name: str, version: str | None = None) -> dict:
-    resolve(service(request), name, version)
+    svc = service(request)
+    health.check_ready(svc)
+    resolve(svc, name, version)
     return {"name": name, "ready": True}
 
 
 @router.post("/models/{name}/infer", summary="Inference on an FP32 image tensor [n, C, H, W]")
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on an FP32 image tensor [n, C, H, W]")
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    svc, loop = service(request), asyncio.get_running_loop()
-    received_at, model_name, depth, status = loop.time(), None, None, 500
-    try:
-        with svc.request():
-            served, fixed_depth = resolve(svc, name, version)
-            model_name = served.model.name
-            split = json_length(request.headers)
-            body = await receive_infer(request, svc.settings, split)
-            # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks
-            header, images = await loop.run_in_executor(svc.pool, parse_infer, body, split, served)
-            work = run(svc, served, header, images, fixed_depth, received_at)
-            depth, logits = await unless_disconnected(request, work)
-            response = infer_response(header, served, name, depth, logits, request_id(request))
-        status = 200
-        return response
-    except ServiceError as error:
-        status = error.status
-        raise
-    finally:
-        svc.metrics.request(model_name, depth, status, loop.time() - received_at)
+    svc, rid = service(request), request_id(request)
+    with svc.accounting.track(rid) as ctx:
+        health.check_ready(svc)
+        served, fixed_depth = resolve(svc, name, version)
+        ctx.model = served.name
+        split = json_length(request.headers)
+        body = await receive_infer(request, svc.settings, split)
+        # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks
+        header, images = await svc.core.offload(parse_infer, body, split, served)
+        infer = infer_request(ctx, header, images, served, fixed_depth)
+        result = await unless_disconnected(request, svc.core.infer(infer))
+        return infer_response(header, served, name, result, rid)
 
 
 def json_length(headers) -> int | None:
@@ -186,13 +169,13 @@ def _object(value, what: str) -> dict:
 
 
 def _tensor(tensor: dict, binary: bytes, served: ServedModel) -> np.ndarray:
-    expected = served.model.manifest["input"]
+    expected = served.model.manifest.input
     shape = tensor.get("shape")
     if tensor.get("datatype") != "FP32" or not _is_shape(shape):
-        raise InvalidParameter(f"input must be FP32 with shape [n, C, H, W] of integers, as {expected['shape']}; "
+        raise InvalidParameter(f"input must be FP32 with shape [n, C, H, W] of integers, as {list(expected.shape)}; "
                                f"got datatype {tensor.get('datatype')!r}, shape {shape!r}")  # fmt: skip
-    if tensor.get("name") != expected["name"] or list(shape[1:]) != list(expected["shape"][1:]) or shape[0] < 1:
-        raise InvalidParameter(f"input must be named {expected['name']!r} with shape {expected['shape']}")
+    if tensor.get("name") != expected.name or tuple(shape[1:]) != expected.shape[1:] or shape[0] < 1:
+        raise InvalidParameter(f"input must be named {expected.name!r} with shape {list(expected.shape)}")
     return _tensor_data(tensor, binary, shape)
 
 
@@ -219,17 +202,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-async def run(svc: Service, served: ServedModel, header: dict, images: np.ndarray, fixed_depth: int | None,
-              received_at: float) -> tuple[int, np.ndarray]:  # fmt: skip
-    """Depth from the folder name, else the `depth` parameter, else the default; then the same batcher."""
+def infer_request(ctx: RequestContext, header: dict, images: np.ndarray, served: ServedModel,
+                  fixed_depth: int | None) -> InferRequest:  # fmt: skip
+    """Depth from the folder name, else the `depth` parameter, else (None) the model's default."""
     params = header.get("parameters") or {}
-    requested: Depth = fixed_depth or _depth_param(params.get("depth", served.default_depth))
-    svc.classifier.check_depth(served.model, requested)
+    depth = fixed_depth or (None if "depth" not in params else _depth_param(params["depth"]))
     timeout_s = _timeout_s(params.get("timeout"))
-    deadline = None if timeout_s is None else received_at + timeout_s
-    depth, _ = svc.classifier.choose_depth(served, requested, False, len(images), received_at, deadline)
-    rows = await svc.classifier.submit(served, depth, images, received_at, deadline)
-    return depth, rows["logits"]
+    return InferRequest(ctx, images, served.name, depth, timeout_s, predictions=False)
 
 
 def _timeout_s(timeout_us) -> float | None:
@@ -244,24 +223,28 @@ def _timeout_s(timeout_us) -> float | None:
     return timeout_us / US_PER_S or None
 
 
+DEPTH = TypeAdapter(Depth)
+
+
 def _depth_param(value) -> Depth:
     try:
-        return ClassifyParams(depth=value).depth
+        return DEPTH.validate_python(value)
     except ValidationError:
         raise InvalidParameter(f"parameter depth must be an integer or 'auto', got {value!r}") from None
 
 
-def infer_response(header: dict, served: ServedModel, name: str, depth: int, logits: np.ndarray,
-                   rid: str) -> Response:  # fmt: skip
+def infer_response(header: dict, served: ServedModel, name: str, result: InferResult, rid: str) -> Response:
     """JSON data, or binary after the JSON header when the client asked for its output that way."""
     wanted = {o.get("name"): o.get("parameters") or {} for o in header.get("outputs") or []}
-    out_name = served.model.manifest["output"]["name"]
+    out_name = served.model.manifest.output.name
     binary = wanted.get(out_name, {}).get("binary_data", False)
+    logits = result.logits
     output = {"name": out_name, "datatype": "FP32", "shape": list(logits.shape)}
     payload = logits.astype("<f4").tobytes() if binary else b""
     output |= {"parameters": {"binary_data_size": len(payload)}} if binary else {"data": logits.ravel().tolist()}
-    body = {"model_name": name, "model_version": str(served.model.version), "id": header.get("id", rid),
-            "parameters": {"depth_used": depth}, "outputs": [output]}  # fmt: skip
+    depth_used = result.images[0].depth  # one depth per request until depth=adaptive
+    body = {"model_name": name, "model_version": result.model_version, "id": header.get("id", rid),
+            "parameters": {"depth_used": depth_used}, "outputs": [output]}  # fmt: skip
     encoded = json.dumps(body).encode()
     headers = {HEADER_LENGTH: str(len(encoded))} if binary else None
     kind = "application/octet-stream" if binary else "application/json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench import served
+from bench.servers import served
 
 # Start-up times one batch size once per depth: the server is ready in seconds on two busy cores.
 FAST_START = {"SRVIT_WARMUP_BATCH_SIZES": "1", "SRVIT_WARMUP_RUNS": "1", "SRVIT_PREPROCESS_THREADS": "1"}

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from service import bench, loadgen
-from service.loadgen import Target
-from srvit.cli import main as srvit
+from bench import accuracy, cli, loadgen
+from bench.images import load_pngs
+from bench.loadgen import Target
+from modelrepo.idx import FASHION_MNIST_DIR
 
-pytestmark = pytest.mark.skipif(not loadgen.FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST is not installed")
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST is not installed")
 
 
 @pytest.fixture(scope="module")
 def pngs():
-    return bench.load_pngs(loadgen.FASHION_MNIST_DIR, 64)[0]
+    return load_pngs(FASHION_MNIST_DIR, 64)[0]
+
+
+def bench_cli(argv: list[str]) -> int:
+    """`python -m bench ...` in this process: the package's own parser, as bench/__main__.py builds it."""
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    cli.add_arguments(parser)
+    return cli.main(parser.parse_args(argv))
 
 
 def served_count(server, depth: str) -> float:
     """srvit_requests_total{depth, status="200"} as the server itself counted it."""
     wanted = {"model": "tiny", "depth": depth, "status": "200"}
-    for family in bench.text_string_to_metric_families(server.metrics()):
+    for family in text_string_to_metric_families(server.metrics()):
         for sample in family.samples:
             if sample.name == "srvit_requests_total" and sample.labels == wanted:
                 return sample.value
@@ -52,9 +62,9 @@ def test_open_loop_sends_the_offered_rate_whatever_the_answers(server, pngs):
 
 def test_load_command_writes_one_row_per_depth_and_concurrency(server, tmp_path):
     out = tmp_path / "load.json"
-    argv = ["bench", "load", "--url", server.url, "--depth", "1,auto", "--concurrency", "2", "--duration", "1",
+    argv = ["load", "--url", server.url, "--depth", "1,auto", "--concurrency", "2", "--duration", "1",
             "--warmup", "0", "--images", "16", "--json", str(out)]  # fmt: skip
-    assert srvit(argv) == 0
+    assert bench_cli(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["depth"], r["concurrency"]) for r in rows] == [("1", 2), ("auto", 2)]
     assert all(r["ok"] > 0 and r["errors"] == {} for r in rows)
@@ -62,9 +72,9 @@ def test_load_command_writes_one_row_per_depth_and_concurrency(server, tmp_path)
 
 def test_accuracy_command_scores_every_image_it_sent(server, tmp_path):
     out = tmp_path / "accuracy.json"
-    argv = ["bench", "accuracy", "--url", server.url, "--depth", "1,2", "--limit", "48", "--concurrency", "4",
+    argv = ["accuracy", "--url", server.url, "--depth", "1,2", "--limit", "48", "--concurrency", "4",
             "--json", str(out)]  # fmt: skip
-    assert srvit(argv) == 0
+    assert bench_cli(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["depth"], r["images"], r["answered"]) for r in rows] == [("1", 48, 48), ("2", 48, 48)]
     assert all(0 <= r["top1_http"] <= 1 and r["top1_manifest"] is None for r in rows)  # exported without data
@@ -72,16 +82,16 @@ def test_accuracy_command_scores_every_image_it_sent(server, tmp_path):
 
 def test_accuracy_compares_each_image_with_its_own_label():
     results = [loadgen.Result(0, 0.1, 200, 1, index) for index in (3, 1, 4, 1)] + [loadgen.Result(0, 0.1, 503)]
-    row = bench.accuracy_row("1", results, np.array([3, 1, 5, 9, 2]), reference=0.6)
+    row = accuracy.accuracy_row("1", results, np.array([3, 1, 5, 9, 2]), reference=0.6)
     assert (row["answered"], row["top1_http"], row["errors"]) == (4, 0.5, {"503": 1})
     assert row["difference"] == pytest.approx(-0.1)
 
 
 def test_matrix_writes_every_run_the_closing_note_needs(tiny_repo, tmp_path):
     """The whole pipeline at toy durations: two servers (batching on/off), raw ONNX Runtime, the auto run."""
-    argv = ["bench", "matrix", "--repo", str(tiny_repo), "--concurrency", "2", "--duration", "0.5",
+    argv = ["matrix", "--repo", str(tiny_repo), "--concurrency", "2", "--duration", "0.5",
             "--warmup", "0", "--raw-seconds", "0.3", "--out", str(tmp_path), "--tag", "toy"]  # fmt: skip
-    assert srvit(argv) == 0
+    assert bench_cli(argv) == 0
     report = json.loads((tmp_path / "toy.json").read_text())
     runs = {(r["batching"], r["depth"], r["concurrency"]) for r in report["server_runs"]}
     assert runs == {(b, d, c) for b in ("on", "off") for d in ("1", "3") for c in (2,)}  # shallowest and deepest

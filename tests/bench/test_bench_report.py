@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
-from service import bench
+from bench import cli, matrix, scrape
+from bench.report import write_report
 from service.metrics import Metrics
-from srvit.cli import build_parser
 
 
 def parse(*argv: str):
-    return build_parser("bench").parse_args(["bench", *argv])
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def test_load_flags_take_comma_lists():
@@ -42,8 +45,8 @@ def test_mean_batch_is_read_from_the_servers_own_histogram():
         histogram.observe(size)
     metrics.batch_size.labels("fashion", "1").observe(32)  # another depth does not leak in
     after = metrics.exposition().decode()
-    assert bench.mean_batch(before, after, "fashion", 4) == pytest.approx(7.0)
-    assert bench.mean_batch(after, after, "fashion", 4) is None  # no batch in between
+    assert scrape.mean_batch(before, after, "fashion", 4) == pytest.approx(7.0)
+    assert scrape.mean_batch(after, after, "fashion", 4) is None  # no batch in between
 
 
 def row(**overrides) -> dict:
@@ -63,7 +66,7 @@ def test_report_is_standard_json_and_a_markdown_table(tmp_path):
                  "server_over_raw": 0.25}],
         "auto": [row(depth="auto", rate=150.0, depth_mix={"1": 0.5, "4": 0.5}, errors={"503": 3}, send_lag_ms_p99=2.0)],
     }  # fmt: skip
-    bench.write_report(report, tmp_path, "cpu")
+    write_report(report, tmp_path, "cpu")
     data = json.loads((tmp_path / "cpu.json").read_text())  # NaN became null: any JSON reader takes it
     assert data["server_runs"][0]["latency_ms"]["p99"] is None
     md = (tmp_path / "cpu.md").read_text()
@@ -87,8 +90,8 @@ def test_matrix_servers_run_with_the_callers_srvit_settings(monkeypatch):
         raise RuntimeError("stop before any load")
         yield
 
-    monkeypatch.setattr(bench, "served", fake_served)
+    monkeypatch.setattr(matrix, "served", fake_served)
     args = SimpleNamespace(repo="model_repo", server_cpus=None)
     with pytest.raises(RuntimeError, match="stop before any load"):
-        bench.server_runs(args, None, [], "off", {"SRVIT_MAX_BATCH_SIZE": "1"}, [1])
+        matrix.server_runs(args, None, [], "off", {"SRVIT_MAX_BATCH_SIZE": "1"}, [1])
     assert seen == {"SRVIT_MAX_QUEUE_DELAY_MS": "0", "SRVIT_MAX_BATCH_SIZE": "1"}

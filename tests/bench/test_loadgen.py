@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import loadgen
-from service.loadgen import Result, Run, percentile, read_idx, summarize
+from bench.images import encode_png, load_pngs
+from bench.loadgen import Result, Run, percentile, summarize
+from modelrepo.idx import FASHION_MNIST_DIR, fashion_mnist, read_idx
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -89,18 +90,18 @@ def test_read_idx_refuses_wrong_type_and_truncated_files(tmp_path):
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        loadgen.fashion_mnist_test(tmp_path)
+        load_pngs(tmp_path)
 
 
-@pytest.mark.skipif(not loadgen.FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST is not installed")
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST is not installed")
 def test_fashion_mnist_test_split_is_10k_labelled_images():
-    images, labels = loadgen.fashion_mnist_test()
+    images, labels = fashion_mnist(FASHION_MNIST_DIR, "test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
 
 
 def test_png_upload_decodes_to_the_same_pixels():
     image = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
-    png = loadgen.encode_png(image)
+    png = encode_png(image)
     assert png.startswith(b"\x89PNG")
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), image)

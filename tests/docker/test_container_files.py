@@ -25,10 +25,10 @@ from containerfiles import (
     load_yaml,
 )
 
+from cli.main import build_parser
 from service.cli import GRACEFUL_CLOSE_S
 from service.metrics import Metrics
 from service.settings import Settings
-from srvit.cli import build_parser
 
 GRAFANA = ROOT / "docker" / "grafana"
 
@@ -57,7 +57,7 @@ def test_hadolint_passes():
 def test_image_runs_srvit_serve_as_a_non_root_pid_1_on_port_8000():
     cmd = dockerfile_cmd()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert cmd[0] in scripts and scripts[cmd[0]] == "srvit.cli:main"
+    assert cmd[0] in scripts and scripts[cmd[0]] == "cli.main:main"
     args = build_parser("serve").parse_args(cmd[1:])
     assert args.command == "serve" and not getattr(args, "missing", None)
     assert (args.host, args.port) == ("0.0.0.0", "8000")
@@ -96,13 +96,13 @@ def test_serving_needs_nothing_the_image_lacks():
     packages unimportable (run in a fresh interpreter, so this process's imports do not hide anything)."""
     code = """
 import sys
-ABSENT = {"torch", "onnxscript", "safetensors", "export", "httpx", "tritonclient"}
+ABSENT = {"torch", "onnxscript", "safetensors", "srvit", "export", "bench", "httpx", "aiohttp", "rich", "tritonclient"}
 class NotInImage:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ABSENT:
             raise ImportError(f"{name} is not installed in the serving image")
 sys.meta_path.insert(0, NotInImage())
-from srvit.cli import build_parser
+from cli.main import build_parser
 args = build_parser("serve").parse_args(["serve"])
 assert not getattr(args, "missing", None), args.missing
 from service.app import create_app

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from containerfiles import PROMETHEUS_CONFIG, dashboard_queries, dockerfile_cmd, load_yaml, with_option
 
-from service import bench, loadgen
+from bench import images, servers
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
@@ -23,14 +23,14 @@ pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary
 FAST_START = {"SRVIT_WARMUP_BATCH_SIZES": "1", "SRVIT_WARMUP_RUNS": "1", "SRVIT_PREPROCESS_THREADS": "1"}
 
 
-def started(argv: list[str], env: dict[str, str], log: Path, url: str, ready_path: str) -> bench.Server:
+def started(argv: list[str], env: dict[str, str], log: Path, url: str, ready_path: str) -> servers.Server:
     with log.open("wb") as out:
         process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = bench.Server(url, process, env, log)
+    server = servers.Server(url, process, env, log)
     try:
-        bench.wait_ready(server, 120, ready_path)
+        servers.wait_ready(server, 120, ready_path)
     except BaseException:
-        bench.stop(process)
+        servers.stop(process)
         raise
     return server
 
@@ -38,7 +38,7 @@ def started(argv: list[str], env: dict[str, str], log: Path, url: str, ready_pat
 @pytest.fixture(scope="module")
 def srvit_server(tiny_repo, tmp_path_factory):
     """The Dockerfile's CMD, on loopback and a free port instead of 0.0.0.0:8000."""
-    port = bench.free_port()
+    port = servers.free_port()
     argv = with_option(with_option(dockerfile_cmd(), "--host", "127.0.0.1"), "--port", str(port))
     argv[0] = shutil.which(argv[0]) or str(Path(sys.executable).parent / argv[0])  # the venv's console script
     env = {k: v for k, v in os.environ.items() if not k.startswith("SRVIT_")}
@@ -46,7 +46,7 @@ def srvit_server(tiny_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("srvit") / "serve.log"
     server = started(argv, env, log, f"http://127.0.0.1:{port}", "/readyz")
     yield server
-    bench.stop(server.process)
+    servers.stop(server.process)
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +60,21 @@ def prometheus(srvit_server, tmp_path_factory):
         for group in job["static_configs"]:
             group["targets"] = [target if t == "srvit:8000" else t for t in group["targets"]]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = bench.free_port()
+    port = servers.free_port()
     argv = [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]  # fmt: skip
     server = started(argv, dict(os.environ), folder / "prometheus.log", f"http://127.0.0.1:{port}", "/-/ready")
     yield server
-    bench.stop(server.process)
+    servers.stop(server.process)
 
 
-def query(prometheus: bench.Server, promql: str) -> list[dict]:
+def query(prometheus: servers.Server, promql: str) -> list[dict]:
     body = httpx.get(f"{prometheus.url}/api/v1/query", params={"query": promql}, timeout=5).json()
     assert body["status"] == "success", f"{promql}: {body.get('error')}"
     return body["data"]["result"]
 
 
-def eventually(prometheus: bench.Server, promql: str, timeout_s: float = 20.0) -> list[dict]:
+def eventually(prometheus: servers.Server, promql: str, timeout_s: float = 20.0) -> list[dict]:
     """The query's result once it is non-empty: scrapes come every second, rates need two of them."""
     deadline = time.monotonic() + timeout_s
     while not (result := query(prometheus, promql)) and time.monotonic() < deadline:
@@ -82,8 +82,8 @@ def eventually(prometheus: bench.Server, promql: str, timeout_s: float = 20.0) -
     return result
 
 
-def classify(server: bench.Server, depth: str, n: int) -> None:
-    png = loadgen.encode_png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+def classify(server: servers.Server, depth: str, n: int) -> None:
+    png = images.encode_png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
     for _ in range(n):
         response = httpx.post(f"{server.url}/classify", params={"depth": depth}, content=png,
                               headers={"content-type": "image/png"}, timeout=10)  # fmt: skip

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service import bench
+from bench import servers as bench
 
 SRVIT = Path(sys.executable).with_name("srvit")
 FAST = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1", "--max-queue-delay-ms", "1"]

@@ -242,7 +242,7 @@ async def test_requests_past_max_in_flight_are_503_before_their_body_is_read(ser
         yield png()
 
     async with serving(max_in_flight=1) as (app, client):
-        with app.state.service.request():  # a request in progress holds the only slot
+        with app.state.service.accounting.track("held"):  # a request in progress holds the only slot
             refused = await client.post("/classify", content=body(), headers={"Content-Type": "image/png"})
         ok = await client.post("/classify", **raw(png()))
     assert (refused.status_code, refused.json()["code"]) == (503, "overloaded")
@@ -346,12 +346,12 @@ async def test_client_request_id_is_echoed_when_sane_and_replaced_when_not(servi
 
 
 async def test_unexpected_exception_is_500_internal_without_traceback(serving, monkeypatch):
-    from service.classifier import Classifier
+    from service.inference import InferenceCore
 
     async def explode(*args, **kw):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(Classifier, "classify", explode)
+    monkeypatch.setattr(InferenceCore, "infer", explode)
     async with serving() as (_, client):
         r = await client.post("/classify", **raw(png()))
         missing = await client.get("/nowhere")

@@ -45,7 +45,7 @@ def test_bad_setting_exits_2_with_the_reason(capsys):
 
 
 def test_srvit_cli_wires_serve():
-    from srvit.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser("serve").parse_args(["serve", "--repo", "elsewhere", "--host", "0.0.0.0"])
     assert (args.repo, args.host) == ("elsewhere", "0.0.0.0")

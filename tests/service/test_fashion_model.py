@@ -44,9 +44,9 @@ def fashion(tmp_path_factory):
 
 def direct_top1(artifact, data: list[bytes]) -> list[int]:
     """onnxruntime on the same bytes through the same preprocessing, without the server."""
-    x = np.stack([Preprocessor(artifact.manifest["preprocessing"], 10**7)(d) for d in data])  # [n, C, H, W]
+    x = np.stack([Preprocessor(artifact.manifest.preprocessing, 10**7)(d) for d in data])  # [n, C, H, W]
     session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
-    return list(np.argmax(session.run(None, {artifact.manifest["input"]["name"]: x})[0], axis=1))
+    return list(np.argmax(session.run(None, {artifact.manifest.input.name: x})[0], axis=1))
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

@@ -162,12 +162,12 @@ def test_a_file_entry_that_is_not_an_object_is_refused(repo_copy):
 
 
 async def test_graph_that_loads_but_fails_to_run_fails_start_up(serving, monkeypatch):
-    import service.lifecycle
+    import service.loading
 
     def broken_warm_up(*args):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code")
 
-    monkeypatch.setattr(service.lifecycle, "warm_up", broken_warm_up)
+    monkeypatch.setattr(service.loading, "warm_up", broken_warm_up)
     with pytest.raises(RepositoryError, match=r"tiny depth \d: warm-up failed \(RuntimeError: .*RUNTIME_EXCEPTION"):
         async with serving():
             pass

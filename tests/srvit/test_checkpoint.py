@@ -83,7 +83,7 @@ def test_damaged_metadata_is_named(tmp_path, srvit_meta, message):
 
 
 def test_srvit_eval_answers_a_bad_checkpoint_with_a_message_not_a_traceback(tmp_path, capsys):
-    from srvit.cli import main
+    from cli.main import main
 
     path = tmp_path / "model.pt"
     torch.save({"x": torch.zeros(1)}, path)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from srvit.cli import main
+from cli.main import main
 from srvit.data import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,64 +1,17 @@
-"""HTTP load generation against /classify: test images as PNG, closed- and open-loop runs, their summary."""
+"""HTTP load generation against /classify: closed- and open-loop runs, a sweep of every image, their summary."""
 
 from __future__ import annotations
 
 import asyncio
-import gzip
-import io
 import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
-import numpy as np
-from PIL import Image
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MAX_OPEN_CONNECTIONS = 256  # open loop: past this many in flight, new requests wait for a connection
-
-
-# -- test images ------------------------------------------------------------------------------------
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An unsigned-byte IDX file (the MNIST format), gzipped or not; the service must not import srvit."""
-    path = Path(path)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(data) - offset != math.prod(shape):
-        raise ValueError(f"{path} declares shape {shape} but holds {len(data) - offset} bytes of data")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
-
-
-def _idx_file(root: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
-        if (root / name).exists():
-            return root / name
-    raise FileNotFoundError(f"{root / stem}[.gz] not found: apt-get install dataset-fashion-mnist, or pass --data DIR")
-
-
-def fashion_mnist_test(root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """The 10k test images uint8 [N, 28, 28] and their labels [N]."""
-    images = read_idx(_idx_file(Path(root), "t10k-images-idx3-ubyte"))
-    labels = read_idx(_idx_file(Path(root), "t10k-labels-idx1-ubyte"))
-    if len(images) != len(labels):
-        raise ValueError(f"{root}: {len(images)} test images but {len(labels)} labels")
-    return images, labels
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """A uint8 [H, W] (gray) or [H, W, 3] (RGB) array as PNG bytes, the way a client would upload it."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -194,6 +147,17 @@ async def sweep(target: Target, pngs: Sequence[bytes], concurrency: int) -> list
     async with _client(target, concurrency) as client:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
+
+
+def measure(target: Target, pngs: list[bytes], *, concurrency: int | None = None, rate: float | None = None,
+            duration_s: float, warmup_s: float) -> dict:  # fmt: skip
+    """One run, closed loop at `concurrency` or open loop at `rate`, summarized."""
+    if rate is not None:
+        run = asyncio.run(open_loop(target, pngs, rate, duration_s, warmup_s))
+    else:
+        run = asyncio.run(closed_loop(target, pngs, concurrency, duration_s, warmup_s))
+    loop = {"concurrency": concurrency} if rate is None else {"rate": rate}
+    return {"depth": target.depth, **loop, **summarize(run)}
 
 
 # -- summary ----------------------------------------------------------------------------------------

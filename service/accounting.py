@@ -1,0 +1,61 @@
+"""Request accounting for every adapter: admission, the in-flight count that draining waits for, one metrics line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+
+from service.errors import ClientClosedRequest, NotReady, Overloaded, ServiceError
+from service.inference import RequestContext
+from service.metrics import NONE, Metrics
+
+
+class Accounting:
+    """`track` wraps one request from before its body is read to its rendered answer, whatever the protocol."""
+
+    def __init__(self, metrics: Metrics, max_in_flight: int, refusal: Callable[[], str | None],
+                 retry_after_s: Callable[[], float]):  # fmt: skip
+        self.metrics, self.max_in_flight = metrics, max_in_flight
+        self._refusal, self._retry_after_s = refusal, retry_after_s  # why the server takes no requests now
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def track(self, request_id: str) -> Iterator[RequestContext]:
+        """Admit the request and count it until its answer is built; count its outcome in metrics, model and
+        depth as far as the core learnt them. A cancelled request (the client went away) counts as 499."""
+        loop = asyncio.get_running_loop()
+        ctx, status = RequestContext(request_id, loop.time()), 500
+        try:
+            self._admit()
+            self.in_flight += 1
+            self.idle.clear()
+            try:
+                yield ctx
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self.idle.set()
+            status = 200
+        except ServiceError as error:
+            status = error.status
+            raise
+        except asyncio.CancelledError:
+            status = ClientClosedRequest.status
+            raise
+        finally:
+            self.metrics.request(ctx.model, ctx.depth, status, loop.time() - ctx.received_at)
+
+    def _admit(self) -> None:
+        """Called before the body is read: past max_in_flight, a flood of slow uploads would hold memory and
+        sockets without bound, so the request is refused while it has cost nothing yet."""
+        refusal = self._refusal()
+        if refusal is not None:
+            raise NotReady(refusal)
+        if self.in_flight >= self.max_in_flight:
+            self.metrics.rejections.labels(NONE, "in_flight").inc()
+            retry_after_s = self._retry_after_s()
+            message = f"{self.in_flight} requests are in progress (max_in_flight): retry in {retry_after_s:.0f} s"
+            raise Overloaded(message, retry_after_s)

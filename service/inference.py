@@ -1,0 +1,231 @@
+"""The protocol-neutral core: one request type, one result type, one `infer` call for every front end.
+
+An adapter (`/classify`, V2 HTTP, later V2 gRPC) parses its wire format into an `InferRequest`, calls
+`InferenceCore.infer`, and renders the `InferResult`. Everything about which model, which depth, deadlines,
+decoding, batching and latency feedback is decided here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+
+from service.autodepth import AutoDepth
+from service.batcher import Batcher
+from service.errors import InvalidParameter, ModelNotFound, Overloaded
+from service.forecast import Forecaster
+from service.metrics import Metrics
+from service.preprocess import Preprocessor
+from service.repository import Model
+
+Depth = int | Literal["auto"]
+Images = Sequence[bytes] | np.ndarray  # encoded files, or a decoded float32 [n, C, H, W] tensor
+REQUESTED, DEFAULT = "requested", "default"  # depth reasons besides auto's latency_target and overload
+PRE_QUEUE_SMOOTHING = 0.1  # weight of each request in the moving average of time spent before the queue
+T = TypeVar("T")
+
+
+@dataclass
+class RequestContext:
+    """What accounting and the log line need whatever happens: filled in as the request goes."""
+
+    request_id: str
+    received_at: float  # loop.time()
+    model: str | None = None
+    depth: int | None = None
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """One request from any protocol. `images` are encoded files (decoded here, each checked before any
+    reaches a batch) or an already decoded float32 tensor [n, C, H, W] of the model's input shape."""
+
+    context: RequestContext
+    images: Images
+    model: str | None = None  # None: the only served model
+    depth: Depth | None = None  # None: the model's default depth
+    timeout_s: float | None = None  # from `context.received_at`; None: no deadline
+    top_k: int | None = None  # predictions per image; None: the server's default_top_k
+    predictions: bool = True  # False when the caller wants logits only (V2)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float  # queued until its batch started
+    inference_ms: float  # its batch (or batches) ran
+    total_ms: float  # received until the answer was built
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    depth: int
+    depth_reason: str  # requested | default | latency_target | overload
+    logits: np.ndarray  # [classes] float32
+    predictions: list[dict]  # top-k {"label", "index", "score"}; empty when not asked for
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model: str
+    model_version: str
+    depth_requested: Depth | None
+    images: list[ImageResult]
+    timing: Timing
+
+    @property
+    def logits(self) -> np.ndarray:
+        """[n, classes] float32, in request order."""
+        return np.stack([image.logits for image in self.images])
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as this server serves it: repository entry, its preprocessing, its default and auto depth."""
+
+    model: Model
+    preprocessor: Preprocessor
+    default_depth: Depth
+    auto: AutoDepth
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+class MovingAverage:
+    def __init__(self, weight: float):
+        self.weight, self.value = weight, 0.0
+
+    def observe(self, sample: float) -> None:
+        self.value += self.weight * (sample - self.value)
+
+
+class InferenceCore:
+    """Validates at the edge (model, depth, top_k before any decoding), decodes off the event loop, then
+    picks the depth and queues on the device in one synchronous step, so concurrent auto requests each see
+    the queue the previous ones left."""
+
+    def __init__(self, served: dict[str, ServedModel], batcher: Batcher, forecaster: Forecaster,
+                 pool: ThreadPoolExecutor, metrics: Metrics, default_top_k: int):  # fmt: skip
+        self.served, self.batcher, self.forecaster = served, batcher, forecaster
+        self.pool, self.metrics, self.default_top_k = pool, metrics, default_top_k
+        self.pre_queue_ms = MovingAverage(PRE_QUEUE_SMOOTHING)  # time requests spend before the device queue
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        ctx = request.context
+        served = self.resolve(request.model)
+        ctx.model = served.name
+        requested = request.depth if request.depth is not None else served.default_depth
+        check_depth(served.model, requested)
+        deadline = None if request.timeout_s is None else ctx.received_at + request.timeout_s
+        tensors, decode_s = await self.tensors(served, request.images)
+        spent_ms = self._since(ctx.received_at)
+        self.pre_queue_ms.observe(spent_ms)
+        budget_ms = None if request.timeout_s is None else request.timeout_s * 1000
+        depth, reason = self.choose_depth(served, requested, request.depth is None, len(tensors), spent_ms, budget_ms)
+        ctx.depth = depth
+        if decode_s is not None:
+            self.metrics.preprocess_seconds.labels(served.name, str(depth)).observe(decode_s)
+        queued_at = asyncio.get_running_loop().time()
+        rows = await self.batcher.submit((served.name, depth), tensors, deadline)
+        served.auto.observe(depth, self._since(ctx.received_at))  # latency feedback, whichever protocol asked
+        return self._result(served, request, depth, reason, rows, queued_at)
+
+    def resolve(self, name: str | None) -> ServedModel:
+        if name is None:
+            if len(self.served) == 1:
+                return next(iter(self.served.values()))
+            raise InvalidParameter(f"this server serves several models: add model=one of {sorted(self.served)}")
+        if name not in self.served:
+            raise ModelNotFound(f"no model named {name!r}; served: {sorted(self.served)} (GET /v1/models)")
+        return self.served[name]
+
+    async def offload(self, fn: Callable[..., T], *args) -> T:
+        """Run CPU-heavy parsing (a big JSON tensor) in the decoding pool, so health checks keep answering."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def tensors(self, served: ServedModel, images: Images) -> tuple[np.ndarray, float | None]:
+        """[n, C, H, W] float32 and the seconds decoding took: decoded tensors pass through (None), encoded
+        images are decoded in the pool."""
+        if isinstance(images, np.ndarray):
+            return images, None
+        t0 = time.perf_counter()
+        tensors = await self._decode(served.preprocessor, images)
+        return tensors, time.perf_counter() - t0
+
+    async def _decode(self, preprocessor: Preprocessor, images: Sequence[bytes]) -> np.ndarray:
+        """Decode every image in the pool; the first bad image fails the request before it reaches a batch."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self.pool, preprocessor, data) for data in images]
+        try:
+            tensors = await asyncio.gather(*futures)
+        except BaseException:  # a bad image or a gone client: the other decodes must not keep the pool busy
+            for future in futures:
+                future.cancel()
+            raise
+        return np.stack(tensors)  # [n, C, H, W]
+
+    def choose_depth(self, served: ServedModel, requested: Depth, by_default: bool, images: int, spent_ms: float,
+                     budget_ms: float | None) -> tuple[int, str]:  # fmt: skip
+        """An explicit depth is used exactly (the batcher may still refuse it); auto asks the AutoDepth.
+
+        Times count from the request's arrival, as the latency target does: the request's own time spent so
+        far (`spent_ms`) narrows its own choice, while the server-wide auto depth follows the moving average
+        of that time over all requests, so one slow decode does not move it."""
+        if requested != "auto":
+            return requested, DEFAULT if by_default else REQUESTED
+        name, depths = served.name, served.model.depths
+        served.auto.follow(self.forecaster.forecast(name, depths, 1, self.pre_queue_ms.value), time.monotonic())
+        decision = served.auto.choose(self.forecaster.forecast(name, depths, images, spent_ms), budget_ms)
+        if decision is None:
+            self.metrics.rejections.labels(name, "auto_overload").inc()
+            retry_after_s = self.forecaster.retry_after_s()
+            raise Overloaded(
+                f"even depth {depths[0]} would miss the latency budget behind the work queued now: "
+                f"retry in {retry_after_s:.0f} s",
+                retry_after_s,
+            )
+        if decision.depth < depths[-1]:
+            self.metrics.downgrades.labels(name, decision.reason).inc()
+        return decision.depth, decision.reason
+
+    def _result(self, served: ServedModel, request: InferRequest, depth: int, reason: str, rows: np.ndarray,
+                queued_at: float) -> InferResult:  # fmt: skip
+        labels = served.model.labels
+        top_k = min(request.top_k or self.default_top_k, len(labels))
+        images = [
+            ImageResult(depth, reason, logits, top_predictions(logits, labels, top_k) if request.predictions else [])
+            for logits in rows["logits"]
+        ]
+        started, finished = rows["started"].min(), (rows["started"] + rows["run_s"]).max()
+        loop_now = asyncio.get_running_loop().time()
+        timing = Timing(_ms(started - queued_at), _ms(finished - started), _ms(loop_now - request.context.received_at))
+        return InferResult(served.name, str(served.model.version), request.depth, images, timing)
+
+    @staticmethod
+    def _since(received_at: float) -> float:
+        return (asyncio.get_running_loop().time() - received_at) * 1000
+
+
+def check_depth(model: Model, depth: Depth) -> None:
+    if depth != "auto" and depth not in model.depths:
+        served = ", ".join(map(str, model.depths))
+        raise InvalidParameter(f"depth {depth} is not served for {model.name}: use one of {served}, or auto")
+
+
+def top_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[dict]:
+    """Softmax in float64 (shifted by the max, so large logits cannot overflow), then the k most likely."""
+    z = logits.astype(np.float64) - logits.max()
+    probs = np.exp(z) / np.exp(z).sum()
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
+
+
+def _ms(seconds: float) -> float:
+    return round(float(seconds) * 1000, 3)
