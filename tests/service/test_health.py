@@ -1,0 +1,51 @@
+"""One health module for both surfaces: /healthz and /v2/health/live, /readyz and V2 readiness, listing and
+metadata, give the same answer from the same state, starting, draining and after an executor crash."""
+
+from __future__ import annotations
+
+import pytest
+from sample_images import png
+
+pytestmark = pytest.mark.anyio
+
+READINESS = ("/readyz", "/v2/health/ready", "/v2/models/tiny/ready")
+DESCRIPTIONS = ("/v1/models", "/v2/models/tiny", "/v2/models/tiny_d2")
+LIVENESS = ("/healthz", "/v2/health/live")
+
+
+async def statuses(client, paths) -> list[int]:
+    return [(await client.get(path)).status_code for path in paths]
+
+
+async def test_ready_server_answers_every_surface(serving):
+    async with serving() as (_, client):
+        assert await statuses(client, READINESS + DESCRIPTIONS + LIVENESS) == [200] * 8
+
+
+async def test_draining_server_is_live_unready_still_describes_its_models_and_refuses_inference(serving):
+    async with serving() as (app, client):
+        await app.state.service.drain()
+        ready, described, live = [await statuses(client, p) for p in (READINESS, DESCRIPTIONS, LIVENESS)]
+        classify = await client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
+        v2 = await client.post("/v2/models/tiny/infer", json={"inputs": []})
+    assert ready == [503] * 3 and described == [200] * 3 and live == [200] * 2
+    assert [(r.status_code, r.json()["code"]) for r in (classify, v2)] == [(503, "not_ready")] * 2
+
+
+async def test_starting_server_is_live_and_neither_ready_nor_describing(serving):
+    async with serving(start=False) as (_, client):
+        ready, described, live = [await statuses(client, p) for p in (READINESS, DESCRIPTIONS, LIVENESS)]
+    assert ready == [503] * 3 and described == [503] * 3 and live == [200] * 2
+
+
+async def test_after_an_executor_crash_both_liveness_surfaces_say_restart(serving, monkeypatch):
+    def bug(key):
+        raise RuntimeError("a bug inside the executor loop")
+
+    async with serving() as (app, client):
+        monkeypatch.setattr(app.state.service.device.batcher, "_urgency", bug)
+        await client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
+        live = [await client.get(path) for path in LIVENESS]
+        ready = await statuses(client, READINESS)
+    assert [r.status_code for r in live] == [500, 500] and all("restart" in r.json()["error"] for r in live)
+    assert ready == [503] * 3
