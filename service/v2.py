@@ -88,7 +88,6 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     svc, rid = service(request), request_id(request)
     with svc.accounting.track(rid) as ctx:
-        health.check_ready(svc)
         served, fixed_depth = resolve(svc, name, version)
         ctx.model = served.name
         split = json_length(request.headers)

@@ -47,5 +47,9 @@ async def test_after_an_executor_crash_both_liveness_surfaces_say_restart(servin
         await client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
         live = [await client.get(path) for path in LIVENESS]
         ready = await statuses(client, READINESS)
+        tensor = {"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+        v2 = await client.post("/v2/models/tiny/infer", json={"inputs": [tensor]})
+        classify = await client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
     assert [r.status_code for r in live] == [500, 500] and all("restart" in r.json()["error"] for r in live)
     assert ready == [503] * 3
+    assert [(r.status_code, r.json()["code"]) for r in (classify, v2)] == [(503, "not_ready")] * 2  # the batch: 500
