@@ -128,7 +128,10 @@ class InferenceCore:
         spent_ms = self._since(ctx.received_at)
         self.pre_queue_ms.observe(spent_ms)
         budget_ms = None if request.timeout_s is None else request.timeout_s * 1000
-        depth, reason = self.choose_depth(served, requested, request.depth is None, len(tensors), spent_ms, budget_ms)
+        depth, reason = self.choose_depth(
+            served, requested, by_default=request.depth is None, images=len(tensors), spent_ms=spent_ms,
+            budget_ms=budget_ms,
+        )  # fmt: skip
         ctx.depth = depth
         if decode_s is not None:
             self.metrics.preprocess_seconds.labels(served.name, str(depth)).observe(decode_s)
@@ -171,8 +174,8 @@ class InferenceCore:
             raise
         return np.stack(tensors)  # [n, C, H, W]
 
-    def choose_depth(self, served: ServedModel, requested: Depth, by_default: bool, images: int, spent_ms: float,
-                     budget_ms: float | None) -> tuple[int, str]:  # fmt: skip
+    def choose_depth(self, served: ServedModel, requested: Depth, *, by_default: bool, images: int,
+                     spent_ms: float, budget_ms: float | None) -> tuple[int, str]:  # fmt: skip
         """An explicit depth is used exactly (the batcher may still refuse it); auto asks the AutoDepth.
 
         Times count from the request's arrival, as the latency target does: the request's own time spent so

@@ -124,7 +124,10 @@ async def test_choosing_a_depth_changes_nothing(core):
     served = core.served["tiny"]
     before = (core.pre_queue_ms.value, served.auto.current)
     for _ in range(3):
-        assert core.choose_depth(served, 2, False, 1, spent_ms=50.0, budget_ms=None) == (2, "requested")
+        assert core.choose_depth(served, 2, by_default=False, images=1, spent_ms=50.0, budget_ms=None) == (
+            2,
+            "requested",
+        )
     assert (core.pre_queue_ms.value, served.auto.current) == before
 
 
