@@ -26,11 +26,13 @@ def ids(rows: np.ndarray) -> list[int]:
 
 
 class Device:
-    """Fake run_batch: records (key, ids) per batch, answers each image's id, can be held and made to fail."""
+    """Fake run_batch: records (key, ids) per batch, answers each image's id, can be held, slowed and made to fail."""
 
-    def __init__(self, fail_batches: tuple[int, ...] = (), error: Exception | None = None, hold: bool = False):
+    def __init__(self, fail_batches: tuple[int, ...] = (), error: Exception | None = None, hold: bool = False,
+                 run_s: float = 0.0):  # fmt: skip
         self.batches: list[tuple[tuple, list[int]]] = []
         self.fail_batches, self.error = fail_batches, error or RuntimeError("device fell over")
+        self.run_s = run_s  # each batch takes at least this long once the gate is open
         self.gate = asyncio.Event()
         self.started = asyncio.Event()
         if not hold:
@@ -40,6 +42,8 @@ class Device:
         self.batches.append((key, ids(batch)))
         self.started.set()
         await self.gate.wait()
+        if self.run_s:
+            await asyncio.sleep(self.run_s)
         if len(self.batches) in self.fail_batches:
             raise self.error
         return batch.reshape(len(batch), -1)[:, :1] * 1.0  # [n, 1]: the ids
@@ -106,14 +110,14 @@ async def test_full_batch_closes_without_waiting_for_the_delay():
 
 @run
 async def test_lone_request_runs_alone_after_the_delay():
-    device, events = Device(), Events()
+    device, events = Device(run_s=0.1), Events()  # runs twice as long as it waits: the two cannot be confused
     async with batcher(device, max_queue_delay_ms=50, observer=events) as b:
         t0 = time.monotonic()
         assert ids(await b.submit(A, images(7))) == [7]
         assert time.monotonic() - t0 >= 0.045
     assert device.batches == [(A, [7])]
     (key, size, waits, run_s), *_ = events.batches
-    assert (key, size) == (A, 1) and waits[0] >= 0.045 and run_s >= 0
+    assert (key, size) == (A, 1) and waits[0] >= 0.045 and run_s >= 0.095
 
 
 @run
