@@ -94,6 +94,14 @@ def _read_response(s: socket.socket) -> bytes:
     return data
 
 
+def _first_unready(url: str, timeout_s: float = 10) -> httpx.Response:
+    """/readyz polled until it stops answering 200 (the signal is handled asynchronously), or its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while (ready := httpx.get(f"{url}/readyz", timeout=5)).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return ready
+
+
 def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(tiny_repo, tmp_path):
     # A 4 s batch window keeps the requests queued while SIGTERM arrives and the server drains.
     proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--max-queue-delay-ms", "4000").wait_ready()
@@ -102,8 +110,7 @@ def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(tin
             in_flight = [pool.submit(classify, proc.url, png(seed=i), "image/png", depth=1) for i in range(3)]
             _until_queued(proc.url, 3)
             proc.terminate()
-            time.sleep(0.3)
-            ready = httpx.get(f"{proc.url}/readyz", timeout=5)
+            ready = _first_unready(proc.url)
             refused = classify(proc.url, png(), "image/png")
             answers = [f.result(timeout=30) for f in in_flight]
         code = proc.proc.wait(timeout=30)
