@@ -6,7 +6,6 @@ holds `{"srvit": "<json>"}`; training state (optimizer moments) lives in a secon
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from modelrepo.files import sha256_file as sha256_file  # export hashes checkpoints through srvit.checkpoint
 from srvit.model import SRViT, SRViTConfig
 
 FORMAT = "srvit-checkpoint/1"
@@ -25,14 +25,6 @@ _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x0
 
 class CheckpointError(ValueError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_not_pickle(path: Path) -> None:

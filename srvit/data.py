@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -13,7 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+from modelrepo import idx
+from modelrepo.idx import FASHION_MNIST_DIR as FASHION_MNIST_DIR  # export/, tests and benchmarks import it from here
+from modelrepo.idx import read_idx as read_idx
+
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -80,33 +82,9 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzipped or not, as a numpy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _find_idx(root: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
-        if (root / name).exists():
-            return root / name
-    raise FileNotFoundError(
-        f"{root / stem}[.gz] not found: install the Debian package dataset-fashion-mnist "
-        f"(apt-get install dataset-fashion-mnist) or pass --data DIR"
-    )
-
-
 def load_fashion_mnist(root: Path = FASHION_MNIST_DIR, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [N, 28, 28] and int64 labels [N]."""
-    prefix = {"train": "train", "test": "t10k"}[split]
-    images = read_idx(_find_idx(Path(root), f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find_idx(Path(root), f"{prefix}-labels-idx1-ubyte"))
+    images, labels = idx.fashion_mnist(Path(root), split)
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -143,7 +143,6 @@ class SoftMoRBlock(nn.Module):
         self.router = nn.Sequential(
             nn.LayerNorm(d, eps=1e-6), nn.Linear(d, cfg.router_hidden), nn.GELU(), nn.Linear(cfg.router_hidden, 1)
         )  # fmt: skip
-        self.load: torch.Tensor | None = None  # mean weight per step of the last training forward
 
     def steps(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
         """The output of every recursion step, each [B, N, D]."""
@@ -159,13 +158,15 @@ class SoftMoRBlock(nn.Module):
         weights = self.router(stacked).squeeze(-1).softmax(dim=-1)  # [B, N, depth]
         return (weights.unsqueeze(-1) * stacked).sum(dim=2), weights  # [B, N, D], [B, N, depth]
 
-    def forward(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+    def route(self, x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output [B, N, D] and the router's weights [B, N, depth], or None at depth 1."""
         outs = self.steps(x, depth)
         if depth == 1:  # a softmax over one step is exactly 1: skip the router's work
-            return outs[0]
-        out, weights = self.mix(outs)
-        self.load = weights.mean(dim=(0, 1)) if self.training else None  # [depth]
-        return out
+            return outs[0], None
+        return self.mix(outs)
+
+    def forward(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        return self.route(x, depth)[0]
 
 
 class SRViT(nn.Module):
@@ -199,11 +200,17 @@ class SRViT(nn.Module):
         return x + self.pos_embed  # [B, T, D], T = cfg.num_tokens
 
     def forward_features(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        return self.routed_features(x, depth)[0]  # [B, T, D]
+
+    def routed_features(self, x: torch.Tensor, depth: int | None = None) -> tuple[torch.Tensor, list]:
+        """forward_features, and each block's router weights [B, T, depth] (None at depth 1): the same
+        operations, so the graph export traces through forward is unchanged."""
         depth = self.check_depth(depth)
-        x = self.embed(x)
+        x, weights = self.embed(x), []
         for blk in self.blocks:
-            x = blk(x, depth)
-        return self.norm(x)  # [B, T, D]
+            x, w = blk.route(x, depth)
+            weights.append(w)
+        return self.norm(x), weights  # [B, T, D], num_blocks x ([B, T, depth] or None)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)  # [B, D]
@@ -211,6 +218,17 @@ class SRViT(nn.Module):
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, depth))
+
+    def forward_with_router_load(self, x: torch.Tensor, depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, num_classes] and this forward's router load [num_blocks, depth]: each step's mean weight
+        over the batch and tokens, what `router_balance_loss` reads. At depth 1 the single step has all the
+        weight (a load of exactly 1 per block): there is nothing to balance."""
+        feats, weights = self.routed_features(x, depth)
+        if weights[0] is None:  # depth 1: the router did not run
+            load = feats.new_ones(len(self.blocks), 1)  # [blocks, 1]
+        else:
+            load = torch.stack([w.mean(dim=(0, 1)) for w in weights])  # [blocks, depth]
+        return self.forward_head(feats), load
 
     @torch.no_grad()
     def router_weights(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
@@ -222,18 +240,17 @@ class SRViT(nn.Module):
             weights.append(w)
         return weights
 
-    def router_balance_loss(self) -> torch.Tensor:
-        """KL(mean step weights || uniform), averaged over blocks, for the last training forward.
+    @staticmethod
+    def router_balance_loss(router_load: torch.Tensor) -> torch.Tensor:
+        """KL(mean step weights || uniform), averaged over blocks, of the forward that returned `router_load`
+        (`forward_with_router_load`); exactly 0 at depth 1.
 
         Without it the router collapses onto step 1 early in training (deeper steps start
         out noisier), which makes depth irrelevant; this keeps every step in use on
         average while each token still chooses its own mix.
         """
-        loads = [blk.load for blk in self.blocks if blk.load is not None]
-        if not loads:
-            return torch.zeros((), device=self.pos_embed.device)
-        load = torch.stack(loads)  # [blocks, depth]
-        return (load * (load * load.shape[-1]).clamp_min(1e-9).log()).sum(-1).mean()
+        uniform_ratio = router_load * router_load.shape[-1]  # [blocks, depth]: load / (1 / depth)
+        return (router_load * uniform_ratio.clamp_min(1e-9).log()).sum(-1).mean()
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [p for blk in self.blocks for p in blk.router.parameters()]

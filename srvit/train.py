@@ -42,6 +42,12 @@ from srvit.registry import model_config
 from srvit.teacher import load_or_train_teacher
 from srvit.train_config import TrainConfig
 
+# The progress bar reads the running totals back (a device sync) only every this many steps and at the
+# epoch's end: each read waits until the device has run every step queued so far, so the host stops
+# queueing work ahead of it. The totals themselves add up every step on the device, so the epoch's logged
+# figures are the same; only the bar's figures lag, by fewer than 20 steps.
+PROGRESS_EVERY_STEPS = 20
+
 
 class Objective(nn.Module):
     """The loss of one step, as one module so DistributedDataParallel sees one forward per backward."""
@@ -56,13 +62,13 @@ class Objective(nn.Module):
         self, images: torch.Tensor, labels: torch.Tensor, teacher_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         max_depth = self.model.cfg.max_depth
-        logits = self.model(images, max_depth)
+        logits, router_load = self.model.forward_with_router_load(images, max_depth)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if teacher_labels is not None:  # DeiT's hard distillation: the teacher's top class as a second label
             to_teacher = F.cross_entropy(logits, teacher_labels, label_smoothing=self.label_smoothing)
             loss = (1 - self.teacher_weight) * loss + self.teacher_weight * to_teacher
         if not self.any_depth and self.router_balance:
-            loss = loss + self.router_balance * self.model.router_balance_loss()
+            loss = loss + self.router_balance * self.model.router_balance_loss(router_load)
         if self.any_depth and max_depth > 1:
             deepest = logits.detach().softmax(-1)
             shallow = {1, random.randint(1, max_depth - 1)}  # depth 1 and a random middle depth
@@ -207,9 +213,14 @@ def train(cfg: TrainConfig) -> Path:
         if not env.main:
             teacher = load_teacher()
     total_epochs = cfg.epochs + cfg.any_depth_epochs
+    objective, objective_phase = None, None
     for epoch in range(state["epoch"], total_epochs):
+        if phase(cfg, epoch) != objective_phase:  # a phase starts, or a resumed run goes on mid-phase
+            objective = None  # release the last phase's wrapper (and its gradient hooks) first
+            objective_phase = phase(cfg, epoch)
+            objective = phase_objective(model, cfg, env, any_depth=objective_phase == "any-depth")
         t0 = time.time()
-        stats = run_epoch(model, optimizer, train_ds, cfg, env, epoch, small_images, teacher)
+        stats = run_epoch(model, optimizer, train_ds, cfg, env, epoch, small_images, teacher, objective)
         state["train_seconds"] += time.time() - t0
         record = {"epoch": epoch + 1, "phase": phase(cfg, epoch), **stats, "seconds": round(time.time() - t0, 1)}
         env.broadcast_buffers(model)
@@ -243,21 +254,42 @@ def evaluate_sharded(model: SRViT, ds: Dataset, env: Distributed) -> dict[int, f
     return {d: round(totals[i].item() / totals[-1].item(), 4) for i, d in enumerate(correct)}
 
 
+def step_totals(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """This step's loss sum, correct answers and images, on the device: nothing here waits for it."""
+    seen = torch.full((), len(labels), device=labels.device)  # filled there: a copy from the host would wait
+    return torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum(), seen])
+
+
+def progress_fields(totals: torch.Tensor, world: int, seconds: float) -> dict[str, float]:
+    """The progress bar's running figures; reading them waits for the device."""
+    loss_sum, correct, seen = totals.tolist()
+    return {"loss": loss_sum / seen, "acc": correct / seen, "ips": seen * world / seconds}
+
+
 def phase(cfg: TrainConfig, epoch: int) -> str:
     return "max-depth" if epoch < cfg.epochs else "any-depth"
 
 
-def run_epoch(
-    model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: int, small_images: bool, teacher: nn.Module | None
-) -> dict:
-    any_depth = epoch >= cfg.epochs
+def phase_objective(model: SRViT, cfg: TrainConfig, env: Distributed, any_depth: bool) -> nn.Module:
+    """One phase's loss, wrapped in DistributedDataParallel under torchrun: built once per phase, since the
+    wrapper broadcasts rank 0's weights and allocates its gradient buckets when it is built.
+
+    The router is frozen (or not) first: the wrapper reduces only the parameters that need a gradient when
+    it is built, so a phase that changes which ones do needs a wrapper of its own."""
     for p in model.router_parameters():
         p.requires_grad_(not any_depth)
     objective = Objective(model, cfg, any_depth)
-    if env.world > 1:
-        objective = DistributedDataParallel(
-            objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None
-        )
+    if env.world == 1:
+        return objective
+    return DistributedDataParallel(objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+
+def run_epoch(
+    model, optimizer, ds, cfg: TrainConfig, env: Distributed, epoch: int, small_images: bool,
+    teacher: nn.Module | None, objective: nn.Module,
+) -> dict:  # fmt: skip
+    """One epoch of `objective` (this phase's, from `phase_objective`); the epoch's mean loss and top-1."""
+    any_depth = epoch >= cfg.epochs
     model.train()
     loader = make_loader(ds, cfg, env, epoch)
     steps_per_epoch = len(loader)
@@ -284,21 +316,10 @@ def run_epoch(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            totals += torch.stack(
-                [
-                    loss.detach() * len(labels),
-                    (logits.argmax(-1) == labels).sum(),
-                    torch.tensor(len(labels), device=env.device),
-                ]
-            )
-            seen = totals[2].item()
-            bar.update(
-                task,
-                advance=1,
-                loss=totals[0].item() / seen,
-                acc=totals[1].item() / seen,
-                ips=seen * env.world / (time.time() - t0),
-            )
+            totals += step_totals(loss, logits, labels)
+            bar.update(task, advance=1)
+            if env.main and ((i + 1) % PROGRESS_EVERY_STEPS == 0 or i + 1 == steps_per_epoch):  # others show none
+                bar.update(task, **progress_fields(totals, env.world, time.time() - t0))
     totals = env.all_sum(totals)
     return {
         "train_loss": round(totals[0].item() / totals[2].item(), 4),

@@ -1,6 +1,7 @@
 """The model surface, for every registered variant and depth."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,46 @@ def test_a_config_written_before_stem_convs_existed_builds_the_three_conv_stem()
     d = model_config("srvit_fashion").to_dict()
     del d["stem_convs"]
     assert SRViTConfig.from_dict(d).stem_convs == 3
+
+
+def test_the_router_load_is_that_of_the_forward_that_returns_it(tiny):
+    x = images(TINY, 3)
+    with torch.no_grad():
+        logits, load = tiny.forward_with_router_load(x, 3)
+    assert torch.equal(logits, tiny(x, 3)), "the same forward as the model's own"
+    expected = torch.stack([w.mean(dim=(0, 1)) for w in tiny.router_weights(x, 3)])  # [blocks, depth]
+    torch.testing.assert_close(load, expected)
+
+
+def test_after_a_depth_1_forward_there_is_nothing_to_balance():
+    torch.manual_seed(0)
+    model = SRViT(TINY).train()
+    x = images(TINY, 4)
+    _, deep = model.forward_with_router_load(x, 4)  # an earlier forward that did route
+    _, load = model.forward_with_router_load(x, 1)
+    assert torch.equal(load, torch.ones(TINY.num_blocks, 1)), "one step takes all the weight"
+    assert model.router_balance_loss(load) == 0
+    assert model.router_balance_loss(deep) > 0, "the earlier forward's load is its own, not carried over"
+
+
+def test_the_balance_loss_is_the_kl_to_uniform_and_trains_the_router():
+    collapsed_and_uniform = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    torch.testing.assert_close(SRViT.router_balance_loss(collapsed_and_uniform), torch.tensor(4.0).log() / 2)
+    torch.manual_seed(0)
+    model = SRViT(TINY).train()
+    _, load = model.forward_with_router_load(images(TINY, 4), 3)
+    model.router_balance_loss(load).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.router_parameters())
+
+
+def test_the_committed_checkpoint_still_loads_and_trains_with_its_router_load():
+    """Checkpoints saved while the router load was module state load key for key (load_checkpoint is strict)."""
+    from srvit.checkpoint import load_checkpoint
+
+    committed = Path(__file__).resolve().parents[2] / "srvit" / "checkpoints" / "srvit_fashion.safetensors"
+    model, _ = load_checkpoint(committed)
+    x = images(model.cfg, 2)
+    with torch.no_grad():
+        logits, load = model.forward_with_router_load(x)
+        assert torch.equal(logits, model(x))
+    assert load.shape == (model.cfg.num_blocks, model.cfg.max_depth)

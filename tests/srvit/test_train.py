@@ -69,7 +69,7 @@ def load_training_history(out: Path) -> list[dict]:
 def torchrun_train(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "srvit.cli", "train", "--out", str(out), "--limit", "256", "--eval-limit", "100",
+           "-m", "cli", "train", "--out", str(out), "--limit", "256", "--eval-limit", "100",
            "--batch-size", "64", *args]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
