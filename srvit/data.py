@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from modelrepo import idx
+from modelrepo import idx, manifest
 from modelrepo.idx import FASHION_MNIST_DIR as FASHION_MNIST_DIR  # export/, tests and benchmarks import it from here
 from modelrepo.idx import read_idx as read_idx
 
@@ -23,27 +22,13 @@ FASHION_MNIST_LABELS = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a served image becomes the model's input; the server follows it exactly.
+class Preprocessing(manifest.Preprocessing):
+    """The preprocessing contract (`modelrepo.manifest.Preprocessing`, which the server follows exactly) with the
+    training side's presets and its eval transform in torch.
 
     Resize the shorter side to `resize_size` (bilinear), center-crop `input_size`,
     convert to `channels` ("L" or "RGB"), scale to [0, 1], then (x - mean) / std per channel.
     """
-
-    input_size: int
-    channels: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize_size: int
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
     @classmethod
     def imagenet(cls, input_size: int = 224) -> Preprocessing:
