@@ -128,6 +128,8 @@ class InferenceCore:
         spent_ms = self._since(ctx.received_at)
         self.pre_queue_ms.observe(spent_ms)
         budget_ms = None if request.timeout_s is None else request.timeout_s * 1000
+        if requested == "auto":
+            self.follow_load(served)
         depth, reason = self.choose_depth(
             served, requested, by_default=request.depth is None, images=len(tensors), spent_ms=spent_ms,
             budget_ms=budget_ms,
@@ -174,9 +176,16 @@ class InferenceCore:
             raise
         return np.stack(tensors)  # [n, C, H, W]
 
+    def follow_load(self, served: ServedModel) -> None:
+        """Move the model's server-wide auto depth by the load a typical request (one image, the usual time
+        before the queue) would meet now; called for every auto request, just before its depth is chosen."""
+        probe = self.forecaster.forecast(served.name, served.model.depths, 1, self.pre_queue_ms.value)
+        served.auto.follow(probe, time.monotonic())
+
     def choose_depth(self, served: ServedModel, requested: Depth, *, by_default: bool, images: int,
                      spent_ms: float, budget_ms: float | None) -> tuple[int, str]:  # fmt: skip
         """An explicit depth is used exactly (the batcher may still refuse it); auto asks the AutoDepth.
+        Reads only: the server-wide auto depth moves in `follow_load`, the moving averages in `infer`.
 
         Times count from the request's arrival, as the latency target does: the request's own time spent so
         far (`spent_ms`) narrows its own choice, while the server-wide auto depth follows the moving average
@@ -184,7 +193,6 @@ class InferenceCore:
         if requested != "auto":
             return requested, DEFAULT if by_default else REQUESTED
         name, depths = served.name, served.model.depths
-        served.auto.follow(self.forecaster.forecast(name, depths, 1, self.pre_queue_ms.value), time.monotonic())
         decision = served.auto.choose(self.forecaster.forecast(name, depths, images, spent_ms), budget_ms)
         if decision is None:
             self.metrics.rejections.labels(name, "auto_overload").inc()

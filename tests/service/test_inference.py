@@ -121,14 +121,18 @@ async def test_auto_goes_shallower_behind_a_backlog_and_refuses_when_even_depth_
 
 
 async def test_choosing_a_depth_changes_nothing(core):
+    """Choice reads the server-wide auto depth; only following the load moves it."""
     served = core.served["tiny"]
+    core.batcher.queued = 1  # 60 ms queued: depth 3 still fits the 100 ms target, but without headroom
     before = (core.pre_queue_ms.value, served.auto.current)
     for _ in range(3):
-        assert core.choose_depth(served, 2, by_default=False, images=1, spent_ms=50.0, budget_ms=None) == (
-            2,
-            "requested",
-        )
+        explicit = core.choose_depth(served, 2, by_default=False, images=1, spent_ms=50.0, budget_ms=None)
+        auto = core.choose_depth(served, "auto", by_default=False, images=1, spent_ms=0.0, budget_ms=None)
+        assert explicit == (2, "requested") and auto == (3, "latency_target")
     assert (core.pre_queue_ms.value, served.auto.current) == before
+    core.follow_load(served)
+    assert served.auto.current == 2  # the deepest depth that keeps 20% of its slack free of queued work
+    assert core.choose_depth(served, "auto", by_default=False, images=1, spent_ms=0.0, budget_ms=None)[0] == 2
 
 
 async def test_every_answer_feeds_the_auto_depth_and_the_pre_queue_average(core):
