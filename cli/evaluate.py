@@ -16,12 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from modelrepo.manifest import ManifestError
     from srvit.checkpoint import CheckpointError
     from srvit.report import eval_report, print_eval_table
 
     try:
         report = eval_report(args.checkpoint, args.data, args.limit)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, ManifestError, FileNotFoundError) as e:  # ManifestError: its preprocessing
         print(f"srvit eval: {e}", file=sys.stderr)
         return 2
     if args.json:

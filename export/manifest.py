@@ -8,8 +8,9 @@ import onnx
 import onnxruntime
 import torch
 
+from export.errors import ExportError
 from export.onnx_graph import INPUT, OPSET, OUTPUT
-from modelrepo.manifest import FileEntry, Manifest, Preprocessing, TensorSpec, model_file
+from modelrepo.manifest import FileEntry, Manifest, ManifestError, Preprocessing, TensorSpec, model_file
 from srvit.model import SRViTConfig
 
 
@@ -41,7 +42,8 @@ def signature(cfg: SRViTConfig) -> tuple[TensorSpec, TensorSpec]:
 def build_manifest(*, name: str, triton_name: str, version: int, depth: int, platform: str, max_batch: int,
                    meta: dict, cfg: SRViTConfig, checkpoint: dict, versions: dict, parity: dict,
                    accuracy: dict | None, files: dict[str, FileEntry], tensorrt: dict | None) -> Manifest:  # fmt: skip
-    """Checked as the server will check it: an export that the server would refuse fails here."""
+    """Checked as the server will check it (`Manifest.from_dict`): a manifest the server would refuse is a bug
+    here, raised as ExportError before anything is published."""
     inp, out = signature(cfg)
     manifest = Manifest(
         name=name, triton_name=triton_name, version=version, depth=depth, max_depth=cfg.max_depth,
@@ -50,4 +52,7 @@ def build_manifest(*, name: str, triton_name: str, version: int, depth: int, pla
         config=cfg.to_dict(), checkpoint=checkpoint, opset=OPSET, versions=versions, parity=parity,
         accuracy=accuracy, files=files, tensorrt=tensorrt,
     )  # fmt: skip
-    return Manifest.from_dict(manifest.to_dict())
+    try:
+        return Manifest.from_dict(manifest.to_dict())
+    except ManifestError as e:
+        raise ExportError(f"{triton_name}: the manifest breaks the contract ({e}); this is an exporter bug") from e

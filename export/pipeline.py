@@ -20,10 +20,20 @@ from export.samples import Samples, find_samples
 from export.triton import config_pbtxt
 from modelrepo.files import file_entries, sha256_file
 from modelrepo.idx import FASHION_MNIST_DIR
-from modelrepo.manifest import CONFIG_FILE, LABELS_FILE, MODEL_FILES, NAME_PATTERN, ONNX, TENSORRT, folder_name
+from modelrepo.manifest import (
+    CONFIG_FILE,
+    LABELS_FILE,
+    MODEL_FILES,
+    NAME_PATTERN,
+    ONNX,
+    TENSORRT,
+    ManifestError,
+    Preprocessing,
+    folder_name,
+)
 from modelrepo.manifest import dump as dump_manifest
 from srvit.checkpoint import load_checkpoint
-from srvit.model import SRViT
+from srvit.model import SRViT, SRViTConfig
 
 PRECISIONS = ("fp32", "fp16")
 MAX_ATOL = 1e-4  # the parity gate of ONNX Runtime vs PyTorch: --atol may tighten it, never loosen it
@@ -121,12 +131,14 @@ def load_model(checkpoint: Path) -> tuple[SRViT, dict]:
         model, meta = load_checkpoint(checkpoint)
     except (ValueError, KeyError, SafetensorError) as e:  # CheckpointError is a ValueError
         raise ExportError(f"cannot export {checkpoint}: {e}") from e
-    check_metadata(meta, model.cfg.num_classes, checkpoint)
+    check_metadata(meta, model.cfg, checkpoint)
     return model, meta
 
 
-def check_metadata(meta: dict, num_classes: int, checkpoint: Path) -> None:
-    """The manifest copies labels and preprocessing: without them the server cannot decode or answer."""
+def check_metadata(meta: dict, cfg: SRViTConfig, checkpoint: Path) -> None:
+    """The manifest copies labels and preprocessing: without them, or with a transform the server cannot follow,
+    the server cannot decode or answer."""
+    num_classes = cfg.num_classes
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) != num_classes:
         raise ExportError(f"{checkpoint}: metadata needs 'labels' with {num_classes} entries, one per class")
@@ -134,6 +146,13 @@ def check_metadata(meta: dict, num_classes: int, checkpoint: Path) -> None:
         raise ExportError(f"{checkpoint}: labels must be single-line strings (labels.txt has one per line)")
     if not isinstance(meta.get("preprocessing"), dict):
         raise ExportError(f"{checkpoint}: metadata has no 'preprocessing'; re-save it with srvit.checkpoint")
+    try:
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except ManifestError as e:
+        raise ExportError(f"{checkpoint}: the server could not follow its {e}; re-save it with srvit.checkpoint") from e
+    if preprocessing.shape != (cfg.in_chans, cfg.img_size, cfg.img_size):
+        raise ExportError(f"{checkpoint}: its preprocessing makes {list(preprocessing.shape)} images but the model "
+                          f"takes {[cfg.in_chans, cfg.img_size, cfg.img_size]}; fix the metadata")  # fmt: skip
 
 
 def check_depths(depths: list[int] | None, max_depth: int) -> list[int]:

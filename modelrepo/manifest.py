@@ -23,6 +23,8 @@ PLATFORMS = (ONNX, TENSORRT)  # in order of preference as the reference: ONNX fi
 MODEL_FILES = {ONNX: "model.onnx", TENSORRT: "model.plan"}
 ENGINE_SUFFIX = "_trt"  # the TensorRT folder of a depth: `<name>_d<depth>_trt`
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder, a Triton model, a URL segment and a metric label
+CHANNELS = ("L", "RGB")
+INTERPOLATIONS = ("bilinear",)
 REQUIRED = ("name", "version", "depth", "max_depth", "platform", "model_file", "max_batch_size", "input", "output",
             "labels", "preprocessing", "files")  # fmt: skip
 
@@ -82,9 +84,34 @@ class Preprocessing:
     resize_size: int
     interpolation: str = "bilinear"
 
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ManifestError("preprocessing: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What a server following this exactly could not do: checked on construction, so an exporter cannot
+        write what the server would refuse."""
+        checks = [
+            (self.channels in CHANNELS, f"channels must be 'L' or 'RGB', got {self.channels!r}"),
+            (len(self.mean) == len(self.std) == len(self.channels),
+             f"mean/std need {len(self.channels)} values for channels {self.channels!r}"),
+            (all(s != 0 for s in self.std), "std must not contain 0"),
+            (self.interpolation in INTERPOLATIONS, f"interpolation {self.interpolation!r} is not supported "
+             f"(only {', '.join(INTERPOLATIONS)})"),
+            (0 < self.input_size <= self.resize_size,
+             f"need 0 < input_size ({self.input_size}) <= resize_size ({self.resize_size})"),
+        ]  # fmt: skip
+        return [message for ok, message in checks if not ok]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of every tensor it makes."""
+        return (len(self.channels), self.input_size, self.input_size)
+
     @classmethod
     def from_dict(cls, raw: Mapping) -> Preprocessing:
-        """Raises ManifestError for a missing key or a value of the wrong type."""
+        """Raises ManifestError for a missing key, a value of the wrong type, or a transform no server follows."""
         try:
             values = {
                 "input_size": _int(raw["input_size"]),
@@ -209,6 +236,7 @@ class Manifest:
 
 
 _OPTIONAL = ("triton_name", "config", "checkpoint", "opset", "versions", "parity", "accuracy", "tensorrt")
+_RECORDS = ("config", "checkpoint", "versions", "parity", "accuracy", "tensorrt")  # objects, or absent/null
 
 
 def manifest_paths(repo: Path) -> list[Path]:
@@ -248,6 +276,9 @@ def _problems(m: Any) -> list[str]:
         (isinstance(m["labels"], list) and all(isinstance(label, str) for label in m["labels"]),
          "labels must be a list of strings"),
         (isinstance(m["preprocessing"], dict), "preprocessing must be an object"),
+        (all(m.get(key) is None or isinstance(m[key], dict) for key in _RECORDS),
+         f"{', '.join(_RECORDS)} must each be an object or null"),
+        (m.get("triton_name") is None or isinstance(m["triton_name"], str), "triton_name must be a string"),
         (isinstance(m["files"], dict), "files must map each relative path to {'sha256', 'size_bytes'}"),
         (isinstance(m["files"], dict) and m["model_file"] in m["files"],
          f"model_file {m['model_file']!r} has no checksum in 'files'"),
@@ -255,9 +286,11 @@ def _problems(m: Any) -> list[str]:
     problems = [message for ok, message in checks if not ok]
     if not problems:
         try:
-            Preprocessing.from_dict(m["preprocessing"])
+            preprocessing = Preprocessing.from_dict(m["preprocessing"])
         except ManifestError as e:
-            problems.append(str(e))
+            return [str(e)]
+        if preprocessing.shape != tuple(m["input"]["shape"][1:]):
+            problems.append(f"preprocessing makes {list(preprocessing.shape)} but the input is {m['input']['shape']}")
     return problems
 
 

@@ -1,4 +1,4 @@
-"""`python -m service`: the same server as `srvit serve`, without the srvit package's CLI."""
+"""`python -m service`: the same server as `srvit serve`, without the `cli` package."""
 
 from __future__ import annotations
 

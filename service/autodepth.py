@@ -82,7 +82,9 @@ class AutoDepth:
 
     def decide(self, forecast: Forecast, now: float, budget_ms: float | None = None,
                probe: Forecast | None = None) -> Decision | None:  # fmt: skip
-        """`follow` the load `probe` shows (default: `forecast`), then `choose` this request's depth."""
+        """`follow` the load `probe` shows (default: `forecast`), then `choose` this request's depth: one request's
+        whole decision in one call. The server makes the two steps itself (InferenceCore.follow_load, then
+        choose_depth), so that choosing stays free of side effects."""
         self.follow(probe or forecast, now)
         return self.choose(forecast, budget_ms)
 

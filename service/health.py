@@ -52,5 +52,7 @@ def check_described(s: State) -> None:
 
 
 def refusal(s: State) -> str | None:
-    """Why a new request is refused now (503 not_ready), or None while it is admitted."""
+    """Why a new request is refused now (503 not_ready, before its body is read), or None while it is admitted."""
+    if crashed(s):
+        return EXECUTOR_STOPPED
     return None if s.state == READY else f"the server is {s.state}: retry shortly or on another instance"

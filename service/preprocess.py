@@ -67,21 +67,11 @@ class Preprocessor:
         self.max_pixels = int(max_pixels)
         self.formats = tuple(f.upper() for f in formats)
         self.background = int(background)
-        self._validate(preprocessing.interpolation)
+        self._validate()
         _let_our_pixel_limit_decide(self.max_pixels)
 
-    def _validate(self, interpolation: str) -> None:
-        """A manifest this server cannot follow exactly must stop startup, not serve skewed inputs."""
-        if self.channels not in ("L", "RGB"):
-            raise ValueError(f"preprocessing.channels must be 'L' or 'RGB', got {self.channels!r}")
-        if self.mean.size != len(self.channels) or self.std.size != len(self.channels):
-            raise ValueError(f"preprocessing.mean/std need {len(self.channels)} values for channels {self.channels!r}")
-        if np.any(self.std == 0):
-            raise ValueError("preprocessing.std must not contain 0")
-        if interpolation != "bilinear":
-            raise ValueError(f"preprocessing.interpolation {interpolation!r} is not supported (only 'bilinear')")
-        if not 0 < self.input_size <= self.resize_size:
-            raise ValueError(f"need 0 < input_size ({self.input_size}) <= resize_size ({self.resize_size})")
+    def _validate(self) -> None:
+        """The transform itself was checked by the contract (`Preprocessing.problems`); what is left is ours."""
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
         Image.init()

@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modelrepo.files import sha256_file as sha256_file  # export hashes checkpoints through srvit.checkpoint
 from srvit.model import SRViT, SRViTConfig
 
 FORMAT = "srvit-checkpoint/1"

@@ -12,8 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from modelrepo import idx, manifest
-from modelrepo.idx import FASHION_MNIST_DIR as FASHION_MNIST_DIR  # export/, tests and benchmarks import it from here
-from modelrepo.idx import read_idx as read_idx
+from modelrepo.idx import FASHION_MNIST_DIR
 
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -318,3 +318,19 @@ def test_cli_turns_an_export_error_into_exit_code_2(tiny, tiny_checkpoint, tmp_p
 def test_cli_rejects_a_malformed_depth_list():
     with pytest.raises(SystemExit):
         cli_args("ckpt.safetensors", "--name", "x", "--depths", "1,two")
+
+
+@pytest.mark.parametrize(
+    "preprocessing, fragment",
+    [
+        ({"channels": "CMYK"}, "could not follow its preprocessing: channels must be 'L' or 'RGB'"),
+        ({"input_size": "8"}, "expected an integer"),
+        ({"input_size": 4, "resize_size": 4}, r"makes \[1, 4, 4\] images but the model takes \[1, 8, 8\]"),
+    ],
+)
+def test_metadata_whose_preprocessing_the_server_would_refuse_is_an_export_error(tiny, preprocessing, fragment):
+    from export.pipeline import check_metadata
+
+    meta = {"labels": tiny.labels, "preprocessing": {**tiny.preprocessing, **preprocessing}}
+    with pytest.raises(ExportError, match=fragment):
+        check_metadata(meta, tiny.cfg, Path("tiny.safetensors"))

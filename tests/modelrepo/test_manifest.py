@@ -51,6 +51,11 @@ def raw() -> dict:
         (lambda m: m.update(model_file="1/other.onnx"), "has no checksum in 'files'"),
         (lambda m: m["preprocessing"].update(mean="0.5"), "preprocessing: expected a number"),
         (lambda m: m["preprocessing"].pop("resize_size"), "preprocessing: missing key 'resize_size'"),
+        (lambda m: m["preprocessing"].update(channels="RGBA"), "channels must be 'L' or 'RGB'"),
+        (lambda m: m["preprocessing"].update(std=[0.0]), "std must not contain 0"),
+        (lambda m: m["preprocessing"].update(input_size=32, resize_size=32), r"makes \[1, 32, 32\] but the input"),
+        (lambda m: m.update(checkpoint="abc"), "checkpoint, .* must each be an object or null"),
+        (lambda m: m.update(triton_name=7), "triton_name must be a string"),
     ],
 )
 def test_a_manifest_that_breaks_the_contract_is_refused_saying_why(change, fragment):
@@ -80,6 +85,11 @@ def test_manifests_are_frozen_and_compare_by_value():
     assert a == b and a.shared() == b.shared()
     with pytest.raises(AttributeError):
         a.depth = 2  # type: ignore[misc]
+
+
+def test_preprocessing_no_server_could_follow_cannot_even_be_built():
+    with pytest.raises(ManifestError, match="mean/std need 3 values"):
+        Preprocessing(224, "RGB", (0.5,), (0.5,), 256)
 
 
 def test_preprocessing_defaults_to_bilinear_and_refuses_wrong_types():

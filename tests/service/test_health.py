@@ -53,3 +53,4 @@ async def test_after_an_executor_crash_both_liveness_surfaces_say_restart(servin
     assert [r.status_code for r in live] == [500, 500] and all("restart" in r.json()["error"] for r in live)
     assert ready == [503] * 3
     assert [(r.status_code, r.json()["code"]) for r in (classify, v2)] == [(503, "not_ready")] * 2  # the batch: 500
+    assert all("restart" in r.json()["error"] for r in (classify, v2))  # refused at admission, saying why
