@@ -55,7 +55,8 @@ def remove_stale(repo: Path, name: str, keep: set[str], checkpoint_sha256: str) 
 
 
 def _checkpoint_of(folder: Path) -> str | None:
-    """Read leniently (not through `modelrepo.manifest.load`, which would refuse a damaged folder): only the checkpoint decides whether a folder is stale."""
+    """Read leniently, not through `modelrepo.manifest.load` (which refuses a damaged folder): only the checkpoint
+    decides whether a folder is stale."""
     try:
         return json.loads((folder / MANIFEST_FILE).read_text())["checkpoint"]["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
