@@ -38,7 +38,9 @@ def fake_fashion(tmp_path) -> Path:
 
 def test_fashion_mnist_checkpoints_are_checked_and_scored_on_the_test_split(tiny, tmp_path, fake_fashion):
     cfg = dataclasses.replace(tiny.cfg, img_size=28, patch_size=7)
-    ckpt = dataclasses.replace(tiny, cfg=cfg).save(tmp_path / "f.safetensors", dataset="fashion-mnist")
+    preprocessing = {**tiny.preprocessing, "input_size": 28, "resize_size": 28}  # what a 28 px model is served with
+    ckpt = dataclasses.replace(tiny, cfg=cfg, preprocessing=preprocessing).save(tmp_path / "f.safetensors",
+                                                                                 dataset="fashion-mnist")  # fmt: skip
     repo = tmp_path / "repo"
     [row] = export_checkpoint(ckpt, "f", repo, depths=[2], data=fake_fashion, parity_images=16, max_batch=8)
     manifest = json.loads((repo / "f_d2" / "manifest.json").read_text())
