@@ -69,9 +69,11 @@ async def serve(settings: Settings) -> int:
 
 
 class DrainingServer(uvicorn.Server):
-    """The first SIGTERM or SIGINT drains before uvicorn stops: /readyz turns 503, new requests get 503
-    not_ready while the socket stays open, admitted and queued work finishes within drain_timeout_s. A second
-    signal stops at once. Unlike uvicorn, the signal is not re-raised afterwards, so a drained server exits 0."""
+    """The first SIGTERM or SIGINT leaves, then drains, before uvicorn stops: /readyz turns 503 at once while new
+    requests are still served for shutdown_delay_s (balancers stop routing here meanwhile); then new requests get
+    503 not_ready while the socket stays open, and admitted and queued work finishes within drain_timeout_s. A
+    second signal cuts the delay short; one during the drain stops at once. Unlike uvicorn, the signal is not
+    re-raised afterwards, so a drained server exits 0."""
 
     def __init__(self, config: uvicorn.Config, service: Service):
         super().__init__(config)
@@ -85,18 +87,29 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._signalled or self._loop is None:
+        if self._loop is None:
             self.should_exit = self.force_exit = True
             return
+        name = signal.Signals(sig).name
+        if self._signalled:
+            self._loop.call_soon_threadsafe(self._signalled_again, name)
+            return
         self._signalled = True
-        log.info("%s: draining, then exiting", signal.Signals(sig).name)
+        log.info("%s: unready, serving for %.1f s more, then draining and exiting", name,
+                 self.service.settings.shutdown_delay_s)  # fmt: skip
         self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _signalled_again(self, name: str) -> None:
+        if self.service.cut_delay_short():
+            log.info("%s again: shutdown delay cut short, draining", name)
+        else:
+            self.should_exit = self.force_exit = True
 
     def _begin_drain(self) -> None:
         self._drain_task = self._loop.create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
         try:
-            await self.service.drain()
+            await self.service.leave()
         finally:
             self.should_exit = True

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from service.accounting import Accounting
 from service.device import Device
 from service.forecast import Forecaster
-from service.health import DRAINING, READY, STARTING, STOPPED, refusal
+from service.health import DRAINING, LEAVING, READY, SERVING, STARTING, STOPPED, refusal
 from service.inference import InferenceCore, ServedModel
 from service.loading import serve_model
 from service.metrics import BatchMetrics, Metrics
@@ -39,6 +39,7 @@ class Service:
         self.pool: ThreadPoolExecutor | None = None
         self.accounting = Accounting(self.metrics, settings.max_in_flight, lambda: refusal(self), self._retry_after_s)
         self._start_task: asyncio.Task | None = None
+        self._delay_over: asyncio.Event | None = None  # set to end the shutdown delay early
 
     @property
     def executor_running(self) -> bool:
@@ -100,10 +101,31 @@ class Service:
 
     # -- shutdown ----------------------------------------------------------------------------------
 
+    async def leave(self) -> None:
+        """SIGTERM's first step: unready at once (/readyz and V2 readiness 503) while new requests are still
+        served for shutdown_delay_s, or until `cut_delay_short`; then `drain`. Behind a load balancer or a
+        Kubernetes Service, requests routed here before the endpoint is removed are served, not refused."""
+        if self.state != READY:
+            return
+        self.state = LEAVING
+        self._delay_over = asyncio.Event()
+        log.info("leaving: unready, still serving for %.1f s", self.settings.shutdown_delay_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.shutdown_delay_s):
+                await self._delay_over.wait()
+        await self.drain()
+
+    def cut_delay_short(self) -> bool:
+        """End the shutdown delay now (a second signal); False when there is none to cut."""
+        if self.state != LEAVING:
+            return False
+        self._delay_over.set()
+        return True
+
     async def drain(self) -> None:
         """Refuse new requests (503 not_ready, /readyz 503), let admitted ones finish, then empty the device,
         all within drain_timeout_s; what is still unfinished then fails with 503 not_ready."""
-        if self.state != READY:
+        if self.state not in SERVING:
             return
         self.state = DRAINING
         loop = asyncio.get_running_loop()

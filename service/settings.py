@@ -69,7 +69,15 @@ class Settings(BaseSettings):
         "their own; off by default: spinning threads take CPU from decoding and HTTP on a shared machine)",
     )
     preprocess_threads: int = Field(2, ge=1, description="threads decoding images off the event loop")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time allowed for queued and running work")
+    shutdown_delay_s: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM, how long the server stays unready but keeps serving new requests, so load "
+        "balancers and Kubernetes endpoints stop routing to it first (0: refuse new requests at once)",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="after the shutdown delay, time allowed for admitted, queued and running work"
+    )
     body_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive a request body (408)")
     default_top_k: int = Field(5, ge=1, description="predictions returned when a request names no top_k")
     warmup_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field(

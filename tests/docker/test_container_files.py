@@ -149,10 +149,13 @@ def seconds(duration: str) -> float:
 
 
 def test_stop_grace_period_outlasts_the_drain():
-    """Compose sends SIGKILL after stop_grace_period: the drain and uvicorn's close must both fit before it."""
+    """Compose sends SIGKILL after stop_grace_period: the shutdown delay, the drain and uvicorn's close must all
+    fit before it."""
     service = srvit_service()
-    drain_s = float(service.get("environment", {}).get("SRVIT_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
-    assert seconds(service["stop_grace_period"]) > drain_s + GRACEFUL_CLOSE_S
+    env = service.get("environment", {})
+    drain_s = float(env.get("SRVIT_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
+    delay_s = float(env.get("SRVIT_SHUTDOWN_DELAY_S", Settings().shutdown_delay_s))
+    assert seconds(service["stop_grace_period"]) > delay_s + drain_s + GRACEFUL_CLOSE_S
 
 
 def test_compose_healthcheck_matches_the_images():

@@ -17,7 +17,7 @@ from PIL import Image
 
 from bench import servers
 
-FAST = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1"]
+FAST = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1", "--shutdown-delay-s", "0"]
 
 ABSENT = ("torch", "srvit", "export", "bench", "aiohttp", "httpx", "rich")
 

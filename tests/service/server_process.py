@@ -11,7 +11,8 @@ from pathlib import Path
 from bench import servers as bench
 
 SRVIT = Path(sys.executable).with_name("srvit")
-FAST = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1", "--max-queue-delay-ms", "1"]
+FAST = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1", "--max-queue-delay-ms", "1",
+        "--shutdown-delay-s", "0"]  # fmt: skip
 
 
 def clean_env() -> dict:

@@ -3,6 +3,8 @@ metadata, give the same answer from the same state, starting, draining and after
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sample_images import png
 
@@ -54,3 +56,20 @@ async def test_after_an_executor_crash_both_liveness_surfaces_say_restart(servin
     assert ready == [503] * 3
     assert [(r.status_code, r.json()["code"]) for r in (classify, v2)] == [(503, "not_ready")] * 2  # the batch: 500
     assert all("restart" in r.json()["error"] for r in (classify, v2))  # refused at admission, saying why
+
+
+async def test_leaving_server_is_unready_but_serves_until_the_delay_ends_then_refuses(serving):
+    """SIGTERM's first step (Service.leave): balancers see unready while requests routed here are still served."""
+    async with serving(shutdown_delay_s=60) as (app, client):
+        svc = app.state.service
+        leaving = asyncio.create_task(svc.leave())
+        while svc.state != "leaving":
+            await asyncio.sleep(0.001)
+        ready, described, live = [await statuses(client, p) for p in (READINESS, DESCRIPTIONS, LIVENESS)]
+        served = await client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
+        assert svc.cut_delay_short() and not leaving.done()
+        await asyncio.wait_for(leaving, 10)  # the 60 s delay, cut short: drained
+        refused = await client.post("/classify", content=png(), headers={"Content-Type": "image/png"})
+    assert ready == [503] * 3 and described == [200] * 3 and live == [200] * 2
+    assert served.status_code == 200 and (refused.status_code, refused.json()["code"]) == (503, "not_ready")
+    assert svc.cut_delay_short() is False  # nothing left to cut

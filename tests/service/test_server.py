@@ -102,6 +102,27 @@ def _first_unready(url: str, timeout_s: float = 10) -> httpx.Response:
     return ready
 
 
+@pytest.mark.parametrize("cut_short", [False, True], ids=["delay-runs-out", "second-signal"])
+def test_sigterm_turns_unready_first_and_serves_new_requests_through_the_shutdown_delay(tiny_repo, tmp_path,
+                                                                                        cut_short):  # fmt: skip
+    """Behind a load balancer, requests routed here in the moments before it notices /readyz are served, not
+    refused; the delay then ends by itself, or at once on a second signal (a 60 s delay would outlast the wait)."""
+    delay = "60" if cut_short else "2"
+    proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--shutdown-delay-s", delay).wait_ready()
+    try:
+        proc.terminate()
+        ready = _first_unready(proc.url)
+        served = classify(proc.url, png(), "image/png")
+        if cut_short:
+            proc.terminate()
+        code = proc.proc.wait(timeout=30)
+    finally:
+        proc.stop()
+    assert (ready.status_code, ready.json()["code"]) == (503, "not_ready")
+    assert served.status_code == 200, served.text
+    assert code == 0, proc.output()
+
+
 def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(tiny_repo, tmp_path):
     # A 4 s batch window keeps the requests queued while SIGTERM arrives and the server drains.
     proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--max-queue-delay-ms", "4000").wait_ready()
