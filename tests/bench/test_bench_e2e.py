@@ -87,8 +87,9 @@ def test_accuracy_compares_each_image_with_its_own_label():
     assert row["difference"] == pytest.approx(-0.1)
 
 
-def test_matrix_writes_every_run_the_closing_note_needs(tiny_repo, tmp_path):
+def test_matrix_writes_every_run_the_closing_note_needs(tiny_repo, tmp_path, monkeypatch):
     """The whole pipeline at toy durations: two servers (batching on/off), raw ONNX Runtime, the auto run."""
+    monkeypatch.setenv("SRVIT_SHUTDOWN_DELAY_S", "0")  # the matrix's servers take the caller's SRVIT_* settings
     argv = ["matrix", "--repo", str(tiny_repo), "--concurrency", "2", "--duration", "0.5",
             "--warmup", "0", "--raw-seconds", "0.3", "--out", str(tmp_path), "--tag", "toy"]  # fmt: skip
     assert bench_cli(argv) == 0

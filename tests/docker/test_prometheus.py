@@ -20,7 +20,8 @@ from bench import images, servers
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
 
-FAST_START = {"SRVIT_WARMUP_BATCH_SIZES": "1", "SRVIT_WARMUP_RUNS": "1", "SRVIT_PREPROCESS_THREADS": "1"}
+FAST_START = {"SRVIT_WARMUP_BATCH_SIZES": "1", "SRVIT_WARMUP_RUNS": "1", "SRVIT_PREPROCESS_THREADS": "1",
+              "SRVIT_SHUTDOWN_DELAY_S": "0"}  # fmt: skip
 
 
 def started(argv: list[str], env: dict[str, str], log: Path, url: str, ready_path: str) -> servers.Server:
