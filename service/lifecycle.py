@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from service.accounting import Accounting
 from service.device import Device
 from service.forecast import Forecaster
-from service.health import DRAINING, LEAVING, READY, SERVING, STARTING, STOPPED, refusal
+from service.health import DRAINING, LEAVING, READY, SERVING, STARTING, STOPPED, is_ready, refusal
 from service.inference import InferenceCore, ServedModel
 from service.loading import serve_model
 from service.metrics import BatchMetrics, Metrics
@@ -38,6 +38,8 @@ class Service:
         self.core: InferenceCore | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.accounting = Accounting(self.metrics, settings.max_in_flight, lambda: refusal(self), self._retry_after_s)
+        self.metrics.latency_target.set(settings.latency_target_ms / 1000)
+        self.metrics.watch_ready(lambda: is_ready(self))
         self._start_task: asyncio.Task | None = None
         self._delay_over: asyncio.Event | None = None  # set to end the shutdown delay early
 

@@ -27,7 +27,7 @@ async def serve_model(model: Model, device: Device, settings: Settings, metrics:
         await _load_depth(model, depth, profile, device, settings, metrics)
     s = settings
     auto = AutoDepth(model.depths, Policy(s.latency_target_ms, s.auto_headroom, s.auto_step_up_hold_s))
-    metrics.watch_auto_depth(model.name, lambda: auto.current)
+    metrics.watch_auto_depth(model.name, lambda: auto.current, model.depths[-1])
     return ServedModel(model, preprocessor, default_depth(s.default_depth, model.depths), auto)
 
 

@@ -38,6 +38,10 @@ class Metrics:
                                         "deepest depth", ("model", "reason"))  # fmt: skip
         self.queue_images = Gauge("srvit_queue_images", "Images waiting per (model, depth)", md, registry=self.registry)
         self.auto_depth = Gauge("srvit_auto_depth", "The depth auto picks now", ["model"], registry=self.registry)
+        self.max_depth = Gauge("srvit_max_depth", "The deepest served depth", ["model"], registry=self.registry)
+        self.latency_target = Gauge("srvit_latency_target_seconds", "The completion time depth=auto aims for",
+                                    registry=self.registry)  # fmt: skip
+        self.ready = Gauge("srvit_ready", "1 while /readyz answers 200, else 0", registry=self.registry)
 
     def _counter(self, name: str, doc: str, labels: Sequence[str]) -> Counter:
         return Counter(name, doc, labels, registry=self.registry)
@@ -48,8 +52,12 @@ class Metrics:
     def watch_queue(self, key: Key, images: Callable[[], int]) -> None:
         self.queue_images.labels(*_md(key)).set_function(images)
 
-    def watch_auto_depth(self, model: str, depth: Callable[[], int]) -> None:
+    def watch_auto_depth(self, model: str, depth: Callable[[], int], max_depth: int) -> None:
         self.auto_depth.labels(model).set_function(depth)
+        self.max_depth.labels(model).set(max_depth)
+
+    def watch_ready(self, ready: Callable[[], bool]) -> None:
+        self.ready.set_function(lambda: float(ready()))
 
     def request(self, model: str, depth: int | None, status: int, seconds: float | None = None) -> None:
         labels = (model or NONE, NONE if depth is None else str(depth))

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from containerfiles import PROMETHEUS_CONFIG, dashboard_queries, dockerfile_cmd, load_yaml, with_option
+from containerfiles import ALERTS, PROMETHEUS_CONFIG, dashboard_queries, dockerfile_cmd, load_yaml, with_option
 
 from bench import images, servers
 
@@ -52,7 +52,8 @@ def srvit_server(tiny_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prometheus(srvit_server, tmp_path_factory):
-    """docker/prometheus.yml with the target moved to the test server and a 1 s scrape interval."""
+    """docker/prometheus/prometheus.yml and its alert rules, with the target moved to the test server and a 1 s
+    scrape interval."""
     folder = tmp_path_factory.mktemp("prometheus")
     config = load_yaml(PROMETHEUS_CONFIG)
     config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
@@ -61,6 +62,7 @@ def prometheus(srvit_server, tmp_path_factory):
         for group in job["static_configs"]:
             group["targets"] = [target if t == "srvit:8000" else t for t in group["targets"]]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(ALERTS, folder)  # rule_files are found beside the config
     port = servers.free_port()
     argv = [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]  # fmt: skip
@@ -117,3 +119,13 @@ def test_every_dashboard_query_runs_and_the_main_panels_have_data(srvit_server, 
     for title in ("Requests by status", "Latency p50 / p99 by depth", "Mean batch size by depth"):
         for expr in panels[title]:
             assert eventually(prometheus, as_grafana_sends(expr)), f"{title}: no data for {expr}"
+
+
+def test_prometheus_loads_the_alert_rules_and_a_ready_server_raises_none(prometheus):
+    """The compose Prometheus evaluates docker/prometheus/alerts.yml against a real, ready, idle server."""
+    eventually(prometheus, "srvit_ready == 1")
+    body = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=5).json()
+    rules = [rule for group in body["data"]["groups"] for rule in group["rules"]]
+    assert {r["name"] for r in rules} == {"SrvitLatencyAboveTarget", "SrvitRejectingRequests", "SrvitNotReady",
+                                          "SrvitAutoDepthHeldBelowMax"}  # fmt: skip
+    assert all(r["health"] == "ok" and r["state"] == "inactive" for r in rules), rules
