@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus
+DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve test lint format train export bench clean debian-packages

@@ -1,0 +1,125 @@
+"""Several srvit replicas behind a real HAProxy (deploy/haproxy/haproxy.cfg) on loopback: a rolling restart under
+steady load loses no request."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from bench import servers
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+SRVIT = Path(sys.executable).with_name("srvit")
+FLAGS = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1", "--preprocess-threads", "1",
+         "--shutdown-delay-s", "1"]  # fmt: skip
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy is not installed (apt-get install haproxy)")
+
+
+class Replica:
+    """`srvit serve` on a fixed port, so a restarted replica comes back where the balancer expects it."""
+
+    def __init__(self, repo: Path, port: int, log: Path):
+        self.repo, self.port, self.log = repo, port, log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Replica:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SRVIT_")}
+        argv = [str(SRVIT), "serve", "--repo", str(self.repo), "--port", str(self.port), *FLAGS]
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        servers.wait_ready(servers.Server(f"http://127.0.0.1:{self.port}", self.process, env, self.log), 90)
+        return self
+
+    def restart(self) -> None:
+        """SIGTERM, wait for the drained exit (0), start anew on the same port."""
+        self.process.terminate()
+        assert self.process.wait(timeout=60) == 0, self.log.read_text()[-2000:]
+        self.start()
+
+
+def balancer_up(stats_url: str) -> set[str]:
+    """Names of the backend servers HAProxy currently sends traffic to (its CSV stats)."""
+    rows = [line.split(",") for line in httpx.get(f"{stats_url};csv", timeout=5).text.splitlines()]
+    return {r[1] for r in rows if len(r) > 17 and r[0] == "srvit" and r[1].startswith("replica") and r[17] == "UP"}
+
+
+def until(condition, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def fleet(tiny_repo, tmp_path):
+    ports = [servers.free_port() for _ in range(4)]
+    replicas = [Replica(tiny_repo, port, tmp_path / f"replica{i + 1}.log").start() for i, port in enumerate(ports[:2])]
+    env = dict(os.environ, SRVIT_LB_BIND=f"127.0.0.1:{ports[2]}", SRVIT_LB_STATS=f"127.0.0.1:{ports[3]}",
+               SRVIT_REPLICA_1=f"127.0.0.1:{ports[0]}", SRVIT_REPLICA_2=f"127.0.0.1:{ports[1]}")  # fmt: skip
+    with (tmp_path / "haproxy.log").open("wb") as out:
+        haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(CONFIG)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    stats = f"http://127.0.0.1:{ports[3]}/stats"
+    try:
+        until(lambda: _quietly(balancer_up, stats) == {"replica1", "replica2"})
+        yield f"http://127.0.0.1:{ports[2]}", stats, replicas
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+        for replica in replicas:
+            servers.stop(replica.process, timeout_s=30)
+
+
+def _quietly(fn, *args):
+    try:
+        return fn(*args)
+    except httpx.HTTPError:
+        return None
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (8, 8), 200).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_rolling_restart_under_steady_load_fails_no_request(fleet):
+    url, stats, replicas = fleet
+    image, answers, stop = png(), [], threading.Event()
+
+    def load() -> None:  # one request after another, as a client keeping a replica busy would
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                r = client.post(f"{url}/classify", content=image, headers={"Content-Type": "image/png"})
+                answers.append((r.status_code, r.json().get("predictions", [{}])[0].get("label")))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        until(lambda: len(answers) >= 20)
+        for replica in replicas:
+            replica.restart()
+            until(lambda: _quietly(balancer_up, stats) == {"replica1", "replica2"})  # back in rotation first
+            served_before = len(answers)
+            until(lambda n=served_before: len(answers) >= n + 20)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    statuses = {status for status, _ in answers}
+    labels = {label for _, label in answers}
+    assert statuses == {200}, f"{sum(s != 200 for s, _ in answers)} of {len(answers)} failed: {statuses}"
+    assert len(labels) == 1 and len(answers) > 60  # the same image, the same answer, from every replica
