@@ -123,3 +123,49 @@ def test_rolling_restart_under_steady_load_fails_no_request(fleet):
     labels = {label for _, label in answers}
     assert statuses == {200}, f"{sum(s != 200 for s, _ in answers)} of {len(answers)} failed: {statuses}"
     assert len(labels) == 1 and len(answers) > 60  # the same image, the same answer, from every replica
+
+
+def retried(haproxy_log: Path) -> int:
+    """Requests HAProxy sent again (httplog's retries field, `+N` once redispatched to another server)."""
+    count = 0
+    for line in haproxy_log.read_text(errors="replace").splitlines():
+        fields = line.split()
+        conns = next((f for f in fields if f.count("/") == 4 and f.replace("/", "").lstrip("+").isdigit()), None)
+        if conns is not None and conns.split("/")[-1].lstrip("+") != "0":
+            count += 1
+    return count
+
+
+def test_kill_9_of_a_replica_under_load_reaches_no_client(fleet, tmp_path):
+    url, stats, replicas = fleet
+    image, answers, stop = png(), [], threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                r = client.post(f"{url}/classify", content=image, headers={"Content-Type": "image/png"})
+                answers.append(r.status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(8)]
+    for w in workers:
+        w.start()
+    try:
+        until(lambda: len(answers) >= 50)
+        replicas[0].process.kill()  # SIGKILL: no drain, whatever it held is cut off
+        replicas[0].process.wait(timeout=10)
+        until(lambda: _quietly(balancer_up, stats) == {"replica2"})
+        served_after = len(answers)
+        until(lambda: len(answers) >= served_after + 100)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    assert set(answers) == {200}, f"{sum(s != 200 for s in answers)} of {len(answers)} failed"
+    assert retried(tmp_path / "haproxy.log") >= 1  # the requests on the killed replica: retried, not lost
+
+
+def test_haproxy_accepts_the_config():
+    env = dict(os.environ, SRVIT_LB_BIND="127.0.0.1:1", SRVIT_LB_STATS="127.0.0.1:2", SRVIT_REPLICA_1="127.0.0.1:3",
+               SRVIT_REPLICA_2="127.0.0.1:4")  # fmt: skip
+    check = subprocess.run([HAPROXY, "-c", "-f", str(CONFIG)], capture_output=True, text=True, env=env)
+    assert check.returncode == 0 and "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
