@@ -66,3 +66,21 @@ def exported(tiny, tiny_checkpoint, tmp_path_factory) -> tuple[Path, list[dict]]
 @pytest.fixture(scope="session")
 def tiny_repo(exported) -> Path:
     return exported[0]
+
+
+# `make test` installs every tool and dataset the tests use, so there the only honest skip is a GPU test on a
+# machine without one: with SRVIT_TEST_ONLY_GPU_SKIPS=1 any other skip fails the run instead of hiding a check.
+_UNEXPECTED_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    import os
+
+    if report.skipped and os.environ.get("SRVIT_TEST_ONLY_GPU_SKIPS") == "1" and "gpu" not in report.keywords:
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr[-1] if report.longrepr else ''}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _UNEXPECTED_SKIPS:
+        print("\nskipped although make test installs what they need:\n  " + "\n  ".join(_UNEXPECTED_SKIPS))
+        session.exitstatus = 1
