@@ -33,7 +33,7 @@ serve: $(VENV)/.serve
 	$(BIN)/srvit serve --repo model_repo --host 127.0.0.1 --port 8000
 
 test: $(VENV)/.test debian-packages lint
-	SRVIT_TEST_ONLY_GPU_SKIPS=1 $(BIN)/python -m pytest -q
+	ONLY_GPU_SKIPS=1 $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

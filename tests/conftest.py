@@ -69,14 +69,14 @@ def tiny_repo(exported) -> Path:
 
 
 # `make test` installs every tool and dataset the tests use, so there the only honest skip is a GPU test on a
-# machine without one: with SRVIT_TEST_ONLY_GPU_SKIPS=1 any other skip fails the run instead of hiding a check.
+# machine without one: with ONLY_GPU_SKIPS=1 any other skip fails the run instead of hiding a check.
 _UNEXPECTED_SKIPS: list[str] = []
 
 
 def pytest_runtest_logreport(report):
     import os
 
-    if report.skipped and os.environ.get("SRVIT_TEST_ONLY_GPU_SKIPS") == "1" and "gpu" not in report.keywords:
+    if report.skipped and os.environ.get("ONLY_GPU_SKIPS") == "1" and "gpu" not in report.keywords:
         _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr[-1] if report.longrepr else ''}")
 
 
