@@ -4,6 +4,7 @@ only on the compute capability it was built for, so export records it and the se
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 CU_COMPUTE_CAPABILITY_MAJOR, CU_COMPUTE_CAPABILITY_MINOR = 75, 76  # CUdevice_attribute values
@@ -23,13 +24,14 @@ class Gpu:
     compute_capability: str  # "9.0"
 
 
-def libcuda() -> ctypes.CDLL | None:
-    """The driver library with the probe's signatures set, or None where no NVIDIA driver is installed."""
+def libcuda(signatures: Mapping[str, list] | None = None) -> ctypes.CDLL | None:
+    """The driver library with the probe's signatures (and the caller's `signatures`: function -> argtypes) set,
+    or None where no NVIDIA driver is installed."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
-    for name, argtypes in _SIGNATURES.items():
+    for name, argtypes in {**_SIGNATURES, **(signatures or {})}.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = ctypes.c_int
     return lib

@@ -31,21 +31,11 @@ class CudaError(RuntimeError):
     pass
 
 
-def _load() -> ctypes.CDLL | None:
-    lib = libcuda()
-    if lib is None:
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int
-    return lib
-
-
 class CudaDevice:
     """The device's primary context (the one TensorRT's runtime API shares), made current per calling thread."""
 
     def __init__(self, ordinal: int = 0):
-        self.lib = _load()
+        self.lib = libcuda(_SIGNATURES)
         if self.lib is None:
             raise CudaError("libcuda.so.1 not found: the NVIDIA driver is not installed")
         self.device, self.context = ctypes.c_int(), _handle()
