@@ -195,6 +195,7 @@ class InferenceCore:
         name, depths = served.name, served.model.depths
         decision = served.auto.choose(self.forecaster.forecast(name, depths, images, spent_ms), budget_ms)
         if decision is None:
+            self.metrics.auto_requests.labels(name, "refused").inc()
             self.metrics.rejections.labels(name, "auto_overload").inc()
             retry_after_s = self.forecaster.retry_after_s()
             raise Overloaded(
@@ -202,6 +203,7 @@ class InferenceCore:
                 f"retry in {retry_after_s:.0f} s",
                 retry_after_s,
             )
+        self.metrics.auto_requests.labels(name, decision.reason).inc()
         if decision.depth < depths[-1]:
             self.metrics.downgrades.labels(name, decision.reason).inc()
         return decision.depth, decision.reason

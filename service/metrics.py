@@ -13,6 +13,10 @@ from service.errors import ServiceError
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NONE = ""  # label value before the model or depth is known (a request refused at the door)
+# What depth=auto did with a request: "latency_target", the depth an idle server would give it (the latency target
+# alone limits it); "overload", shallower because of the load; "refused". The share of the last two is the load
+# that one more replica would serve at full accuracy: the autoscaling signal of deploy/kubernetes/.
+AUTO_OUTCOMES = ("latency_target", "overload", "refused")
 
 
 class Metrics:
@@ -36,6 +40,8 @@ class Metrics:
         self.drops = self._counter("srvit_dropped", "Queued requests that left without a result", ("model", "reason"))
         self.downgrades = self._counter("srvit_auto_depth_downgrades", "depth=auto requests served below the "
                                         "deepest depth", ("model", "reason"))  # fmt: skip
+        self.auto_requests = self._counter("srvit_auto_depth_requests", "depth=auto requests by outcome: the "
+                                           "idle depth, shallower for load, refused", ("model", "outcome"))  # fmt: skip
         self.queue_images = Gauge("srvit_queue_images", "Images waiting per (model, depth)", md, registry=self.registry)
         self.auto_depth = Gauge("srvit_auto_depth", "The depth auto picks now", ["model"], registry=self.registry)
         self.max_depth = Gauge("srvit_max_depth", "The deepest served depth", ["model"], registry=self.registry)
@@ -55,6 +61,8 @@ class Metrics:
     def watch_auto_depth(self, model: str, depth: Callable[[], int], max_depth: int) -> None:
         self.auto_depth.labels(model).set_function(depth)
         self.max_depth.labels(model).set(max_depth)
+        for outcome in AUTO_OUTCOMES:  # every outcome exported from the start: a ratio over them is never empty
+            self.auto_requests.labels(model, outcome)
 
     def watch_ready(self, ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: float(ready()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Mapping
 
@@ -81,6 +82,30 @@ async def test_auto_goes_down_under_load_and_back_up_after_while_explicit_depth_
     assert [(a.json()["depth_used"], a.json()["depth_reason"]) for a in explicit_answers] == [(3, "requested")] * 6
     assert (after["depth_used"], after["depth_reason"]) == (3, "latency_target")
     assert 'srvit_auto_depth_downgrades_total{model="tiny",reason="overload"}' in metrics
+    outcomes = auto_outcomes(metrics)
+    assert outcomes["refused"] == sum(a.status_code == 503 for a in auto_answers)
+    assert outcomes["overload"] >= sum(b["depth_reason"] == "overload" for b in served) > 0  # probes may add more
+    assert sum(outcomes.values()) >= 40
+
+
+def auto_outcomes(metrics: str) -> dict[str, float]:
+    """srvit_auto_depth_requests_total of model tiny by outcome, from an exposition."""
+    pattern = r'^srvit_auto_depth_requests_total\{model="tiny",outcome="(\w+)"\} (\S+)$'
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, metrics, re.MULTILINE)}
+
+
+async def test_auto_outcomes_are_exported_from_the_start_and_count_each_auto_request(serving, slowed):
+    """The autoscaler's ratio (deploy/kubernetes/) divides by these: every outcome exists before any request."""
+    slowed(STEEP)
+    async with serving(**IDLE_TARGET) as (_, client):
+        before = auto_outcomes((await client.get("/metrics")).text)
+        for _ in range(3):  # idle: depth 2, the deepest within the target (depth 3 alone takes 300 ms)
+            body = (await client.post("/classify", **raw(depth="auto"))).json()
+            assert (body["depth_used"], body["depth_reason"]) == (2, "latency_target")
+        await client.post("/classify", **raw(depth=1))  # an explicit depth is no auto decision
+        after = auto_outcomes((await client.get("/metrics")).text)
+    assert before == {"latency_target": 0.0, "overload": 0.0, "refused": 0.0}
+    assert after == {"latency_target": 3.0, "overload": 0.0, "refused": 0.0}  # below the max, but not for load
 
 
 async def _until_deepest(client, timeout_s: float = 10.0) -> dict:
