@@ -35,7 +35,8 @@ def prometheus(fleet, tmp_path):  # noqa: F811
     config = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
     config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config.pop("rule_files")
-    (job,) = config["scrape_configs"]
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "srvit"]
+    config["scrape_configs"] = [job]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{r.port}" for r in replicas]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = servers.free_port()

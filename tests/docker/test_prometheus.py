@@ -59,7 +59,7 @@ def prometheus(srvit_server, tmp_path_factory):
     config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
     target = srvit_server.url.removeprefix("http://")
     for job in config["scrape_configs"]:
-        for group in job["static_configs"]:
+        for group in job.get("static_configs", []):
             group["targets"] = [target if t == "srvit:8000" else t for t in group["targets"]]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copy(ALERTS, folder)  # rule_files are found beside the config
