@@ -7,6 +7,9 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 TORCH := torch==2.13.0
 DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# checkov pins dozens of packages of its own: it lives in its own virtual environment, away from the tests' pins.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := checkov==3.3.30
 
 .PHONY: serve test lint format train export bench clean debian-packages
 
@@ -23,6 +26,10 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[test]'
 	touch $@
 
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(CHECKOV)
+
 debian-packages:
 	@missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -32,7 +39,7 @@ debian-packages:
 serve: $(VENV)/.serve
 	$(BIN)/srvit serve --repo model_repo --host 127.0.0.1 --port 8000
 
-test: $(VENV)/.test debian-packages lint
+test: $(VENV)/.test $(CHECKOV_VENV)/bin/checkov debian-packages lint
 	ONLY_GPU_SKIPS=1 $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.test
@@ -54,4 +61,4 @@ bench: $(VENV)/.test debian-packages
 	$(BIN)/srvit bench matrix --repo model_repo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache
