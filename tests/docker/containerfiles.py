@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+GPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.gpu"
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
 ALERTS = ROOT / "docker" / "prometheus" / "alerts.yml"
@@ -49,8 +50,8 @@ def exec_form(arguments: str) -> list[str]:
     return argv
 
 
-def dockerfile_cmd() -> list[str]:
-    (cmd,) = [args for keyword, args in final_stage() if keyword == "CMD"]
+def dockerfile_cmd(path: Path = DOCKERFILE) -> list[str]:
+    (cmd,) = [args for keyword, args in final_stage(path) if keyword == "CMD"]
     return exec_form(cmd)
 
 

