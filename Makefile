@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHECKOV_VENV := .venv-checkov
 CHECKOV := checkov==3.3.30
 
-.PHONY: serve test lint format train export bench clean debian-packages
+.PHONY: serve test lint format train export bench gpu-check clean debian-packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +60,10 @@ export: $(VENV)/.test debian-packages
 bench: $(VENV)/.test debian-packages
 	$(BIN)/srvit bench matrix --repo model_repo
 
+# On a machine with an NVIDIA GPU, its driver and PyPI: installs .venv-gpu, runs pytest -m gpu, exports with TensorRT
+# fp16, serves and benchmarks every depth on TensorRT, prints one summary (runs/gpu-check/summary.md). ~8 minutes.
+gpu-check:
+	bash scripts/gpu-check.sh
+
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .venv-gpu .pytest_cache .ruff_cache
