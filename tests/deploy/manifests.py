@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,22 @@ def image_cmd(dockerfile: Path) -> list[str]:
 def image_user(dockerfile: Path) -> int:
     (user,) = [line for line in dockerfile.read_text().splitlines() if line.startswith("USER ")][-1:]
     return int(user.split()[1].split(":")[0])
+
+
+@contextlib.contextmanager
+def prometheus(config: dict, folder: Path) -> Iterator[str]:
+    """A real Prometheus with this config (written to `folder`), on loopback; yields its API URL."""
+    binary = shutil.which("prometheus")
+    assert binary is not None, "no prometheus binary (apt-get install prometheus)"
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = servers.free_port()
+    argv = [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]  # fmt: skip
+    with (folder / "prometheus.log").open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        servers.wait_ready(servers.Server(f"http://127.0.0.1:{port}", process, {}, folder / "prometheus.log"), 60,
+                           "/-/ready")  # fmt: skip
+        yield f"http://127.0.0.1:{port}/api/v1"
+    finally:
+        servers.stop(process, timeout_s=10)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
 import yaml
-from manifests import ADAPTER_CONFIG, FAST_START, ROOT, start
+from manifests import ADAPTER_CONFIG, FAST_START, ROOT, prometheus, start
 
 from bench import loadgen, servers
 from bench.images import load_pngs
@@ -50,18 +49,10 @@ def scraped(tmp_path):
     config = {"global": {"scrape_interval": "1s"},
               "scrape_configs": [{"job_name": "kubernetes-pods",
                                   "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": POD}]}]}  # fmt: skip
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prom_port = servers.free_port()
-    argv = [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"]  # fmt: skip
-    with (tmp_path / "prometheus.log").open("wb") as out:
-        prometheus = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
-        servers.wait_ready(servers.Server(f"http://127.0.0.1:{prom_port}", prometheus, {}, tmp_path / "prometheus.log"),
-                           60, "/-/ready")  # fmt: skip
-        yield server, f"http://127.0.0.1:{prom_port}/api/v1"
+        with prometheus(config, tmp_path) as api:
+            yield server, api
     finally:
-        servers.stop(prometheus, timeout_s=10)
         servers.stop(server.process)
 
 

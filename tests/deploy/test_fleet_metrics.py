@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import bisect
 import shutil
-import subprocess
 import threading
 import time
 
 import httpx
 import pytest
 import yaml
+from manifests import prometheus as prometheus_process
 from test_haproxy import ROOT, _quietly, fleet, png, until  # noqa: F401  (fleet is a fixture)
 
-from bench import servers
 from service.metrics import SECONDS_BUCKETS
 
 PROMETHEUS = shutil.which("prometheus")
@@ -38,20 +37,9 @@ def prometheus(fleet, tmp_path):  # noqa: F811
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "srvit"]
     config["scrape_configs"] = [job]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{r.port}" for r in replicas]}]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = servers.free_port()
-    argv = [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]  # fmt: skip
-    with (tmp_path / "prometheus.log").open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}/api/v1"
-    try:
-        servers.wait_ready(servers.Server(f"http://127.0.0.1:{port}", process, {}, tmp_path / "prometheus.log"), 60,
-                           "/-/ready")  # fmt: skip
+    with prometheus_process(config, tmp_path) as api:
         until(lambda: _quietly(query, api, "sum(up)") == 2.0, 30)  # both replicas scraped
         yield url, api
-    finally:
-        servers.stop(process, timeout_s=10)
 
 
 def query(api: str, promql: str, at: float | None = None) -> float | None:
