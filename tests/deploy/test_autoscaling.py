@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 import yaml
-from manifests import ADAPTER_CONFIG, FAST_START, ROOT, prometheus, start
+from containerfiles import FAST_START, prometheus, serve
+from manifests import ADAPTER_CONFIG, ROOT
 
 from bench import loadgen, servers
 from bench.images import load_pngs
@@ -45,13 +46,13 @@ def scraped(tmp_path):
     port = servers.free_port()
     argv = ["srvit", "serve", "--repo", str(ROOT / "model_repo"), "--host", "127.0.0.1", "--port", str(port)]
     variables = FAST_START | {"SRVIT_LATENCY_TARGET_MS": TARGET_MS, "SRVIT_MAX_QUEUE_DELAY_MS": "0"}
-    server = start(argv, variables, tmp_path / "serve.log", port)
+    server = serve(argv, variables, tmp_path / "serve.log", port)
     config = {"global": {"scrape_interval": "1s"},
               "scrape_configs": [{"job_name": "kubernetes-pods",
                                   "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": POD}]}]}  # fmt: skip
     try:
-        with prometheus(config, tmp_path) as api:
-            yield server, api
+        with prometheus(config, tmp_path) as prom:
+            yield server, f"{prom.url}/api/v1"
     finally:
         servers.stop(server.process)
 

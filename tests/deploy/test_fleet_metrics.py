@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 import yaml
-from manifests import prometheus as prometheus_process
+from containerfiles import prometheus as prometheus_server
 from test_haproxy import ROOT, _quietly, fleet, png, until  # noqa: F401  (fleet is a fixture)
 
 from service.metrics import SECONDS_BUCKETS
@@ -37,7 +37,8 @@ def prometheus(fleet, tmp_path):  # noqa: F811
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "srvit"]
     config["scrape_configs"] = [job]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{r.port}" for r in replicas]}]
-    with prometheus_process(config, tmp_path) as api:
+    with prometheus_server(config, tmp_path) as prom:
+        api = f"{prom.url}/api/v1"
         until(lambda: _quietly(query, api, "sum(up)") == 2.0, 30)  # both replicas scraped
         yield url, api
 

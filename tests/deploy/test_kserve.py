@@ -12,7 +12,8 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
-from manifests import FAST_START, KSERVE, ROOT, check_settings, container, env, image_user, probes, start, with_option
+from containerfiles import FAST_START, check_settings, image_user, serve, with_option
+from manifests import KSERVE, ROOT, container, env, probes
 
 from bench import servers
 from service.cli import GRACEFUL_CLOSE_S
@@ -102,7 +103,7 @@ def predictor(tiny_repo, tmp_path_factory):
     port = servers.free_port()
     argv = with_option(with_option(c["command"], "--host", "127.0.0.1"), "--port", str(port))
     variables = env(c) | FAST_START | {"SRVIT_REPO": str(tiny_repo)}
-    server = start(argv, variables, Path(tmp_path_factory.mktemp("kserve")) / "serve.log", port)
+    server = serve(argv, variables, Path(tmp_path_factory.mktemp("kserve")) / "serve.log", port)
     yield server, c
     servers.stop(server.process)
 

@@ -10,24 +10,8 @@ import subprocess
 import httpx
 import pytest
 import yaml
-from manifests import (
-    ADAPTER_CONFIG,
-    FAST_START,
-    KUBERNETES_VERSION,
-    OVERLAYS,
-    ROOT,
-    check_settings,
-    container,
-    env,
-    image_cmd,
-    image_user,
-    objects,
-    probes,
-    render,
-    start,
-    tool,
-    with_option,
-)
+from containerfiles import FAST_START, check_settings, dockerfile_cmd, image_user, serve, tool, with_option
+from manifests import ADAPTER_CONFIG, KUBERNETES_VERSION, OVERLAYS, ROOT, container, env, objects, probes, render
 
 from bench import servers
 from service.cli import GRACEFUL_CLOSE_S
@@ -108,7 +92,7 @@ def test_container_runs_the_images_command_with_real_settings(overlay):
     name, _, objs = overlay
     c = server_container(objs)
     assert "command" not in c and "args" not in c  # the image's CMD: srvit serve on 0.0.0.0:8000, PID 1
-    cmd = image_cmd(DOCKERFILES[name])
+    cmd = dockerfile_cmd(DOCKERFILES[name])
     port = cmd[cmd.index("--port") + 1]
     (http,) = c["ports"]
     assert (http["name"], str(http["containerPort"])) == ("http", port)
@@ -196,9 +180,9 @@ def deployed(tiny_repo, tmp_path_factory):
     objs = objects(render("cpu"))
     c = server_container(objs)
     port = servers.free_port()
-    argv = with_option(with_option(image_cmd(DOCKERFILES["cpu"]), "--host", "127.0.0.1"), "--port", str(port))
+    argv = with_option(with_option(dockerfile_cmd(DOCKERFILES["cpu"]), "--host", "127.0.0.1"), "--port", str(port))
     variables = env(c) | FAST_START | {"SRVIT_REPO": str(tiny_repo)}
-    server = start(argv, variables, tmp_path_factory.mktemp("deployed") / "serve.log", port)
+    server = serve(argv, variables, tmp_path_factory.mktemp("deployed") / "serve.log", port)
     yield server, c
     servers.stop(server.process)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from containerfiles import ALERTS, load_yaml
-from test_container_files import tool
+from containerfiles import ALERTS, load_yaml, tool
 
 from service.metrics import Metrics
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from containerfiles import GPU_DOCKERFILE, ROOT
-from test_container_files import tool
+from containerfiles import GPU_DOCKERFILE, ROOT, tool
 
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 

@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
-from containerfiles import ALERTS, PROMETHEUS_CONFIG, dashboard_queries, dockerfile_cmd, load_yaml, with_option
+from containerfiles import (
+    ALERTS,
+    FAST_START,
+    PROMETHEUS_CONFIG,
+    dashboard_queries,
+    dockerfile_cmd,
+    load_yaml,
+    serve,
+    with_option,
+)
+from containerfiles import prometheus as prometheus_server
 
 from bench import images, servers
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
-
-FAST_START = {"SRVIT_WARMUP_BATCH_SIZES": "1", "SRVIT_WARMUP_RUNS": "1", "SRVIT_PREPROCESS_THREADS": "1",
-              "SRVIT_SHUTDOWN_DELAY_S": "0"}  # fmt: skip
-
-
-def started(argv: list[str], env: dict[str, str], log: Path, url: str, ready_path: str) -> servers.Server:
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = servers.Server(url, process, env, log)
-    try:
-        servers.wait_ready(server, 120, ready_path)
-    except BaseException:
-        servers.stop(process)
-        raise
-    return server
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +31,8 @@ def srvit_server(tiny_repo, tmp_path_factory):
     """The Dockerfile's CMD, on loopback and a free port instead of 0.0.0.0:8000."""
     port = servers.free_port()
     argv = with_option(with_option(dockerfile_cmd(), "--host", "127.0.0.1"), "--port", str(port))
-    argv[0] = shutil.which(argv[0]) or str(Path(sys.executable).parent / argv[0])  # the venv's console script
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SRVIT_")}
-    env |= FAST_START | {"SRVIT_REPO": str(tiny_repo)}
-    log = tmp_path_factory.mktemp("srvit") / "serve.log"
-    server = started(argv, env, log, f"http://127.0.0.1:{port}", "/readyz")
+    variables = FAST_START | {"SRVIT_REPO": str(tiny_repo)}
+    server = serve(argv, variables, tmp_path_factory.mktemp("srvit") / "serve.log", port)
     yield server
     servers.stop(server.process)
 
@@ -61,14 +48,9 @@ def prometheus(srvit_server, tmp_path_factory):
     for job in config["scrape_configs"]:
         for group in job.get("static_configs", []):
             group["targets"] = [target if t == "srvit:8000" else t for t in group["targets"]]
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copy(ALERTS, folder)  # rule_files are found beside the config
-    port = servers.free_port()
-    argv = [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]  # fmt: skip
-    server = started(argv, dict(os.environ), folder / "prometheus.log", f"http://127.0.0.1:{port}", "/-/ready")
-    yield server
-    servers.stop(server.process)
+    with prometheus_server(config, folder) as server:
+        yield server
 
 
 def query(prometheus: servers.Server, promql: str) -> list[dict]:
