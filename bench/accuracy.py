@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import math
 
-import httpx
 import numpy as np
 
 from bench import loadgen
 from bench.images import load_pngs
 from bench.loadgen import Target
 from bench.report import accuracy_table, console, write_json
+from bench.servers import served_model
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
@@ -31,10 +31,10 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
 def manifest_accuracy(url: str, model: str | None) -> dict[str, float]:
     """{depth: top-1} as the export measured it, from GET /v1/models; depths without a measurement are absent."""
-    listed = httpx.get(f"{url}/v1/models", timeout=10).raise_for_status().json()["models"]
-    entry = next((m for m in listed if model in (None, m["name"])), None)
-    if entry is None:
-        raise SystemExit(f"model {model!r} is not served at {url}; it serves {[m['name'] for m in listed]}")
+    try:
+        entry = served_model(url, model)
+    except LookupError as e:
+        raise SystemExit(str(e)) from None
     found = {}
     for depth in entry.get("depths", []):
         accuracy = depth.get("accuracy")

@@ -19,6 +19,15 @@ import httpx
 READY_TIMEOUT_S = 300.0  # start-up times every depth at several batch sizes: slow on two busy cores
 
 
+def served_model(url: str, model: str | None) -> dict:
+    """The model's entry in GET /v1/models (None: the first served); LookupError naming what is served."""
+    listed = httpx.get(f"{url}/v1/models", timeout=10).raise_for_status().json()["models"]
+    entry = next((m for m in listed if model in (None, m["name"])), None)
+    if entry is None:
+        raise LookupError(f"model {model!r} is not served at {url}; it serves {[m['name'] for m in listed]}")
+    return entry
+
+
 @dataclass
 class Server:
     url: str
@@ -31,10 +40,10 @@ class Server:
 
     def runtimes(self, model: str) -> dict[str, str]:
         """{depth: the execution provider or engine serving it}, as GET /v1/models reports it."""
-        listed = httpx.get(f"{self.url}/v1/models", timeout=10).raise_for_status().json()["models"]
-        entry = next((m for m in listed if m["name"] == model), None)
-        if entry is None:
-            raise RuntimeError(f"model {model!r} is not served at {self.url}; it serves {[m['name'] for m in listed]}")
+        try:
+            entry = served_model(self.url, model)
+        except LookupError as e:
+            raise RuntimeError(str(e)) from None
         return {str(depth["depth"]): depth["runtime"] for depth in entry["depths"]}
 
     def cpu_s(self) -> float:

@@ -23,13 +23,13 @@ from modelrepo.idx import FASHION_MNIST_DIR
 from modelrepo.manifest import (
     CONFIG_FILE,
     LABELS_FILE,
-    MODEL_FILES,
     NAME_PATTERN,
     ONNX,
     TENSORRT,
     ManifestError,
     Preprocessing,
     folder_name,
+    model_file,
 )
 from modelrepo.manifest import dump as dump_manifest
 from srvit.checkpoint import load_checkpoint
@@ -167,7 +167,7 @@ def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
     """One depth's ONNX model folder, checked step by step, and its TensorRT folder if asked for."""
     t0 = time.perf_counter()
     folder = stage / folder_name(job.name, depth, ONNX)
-    model_path = folder / str(job.version) / MODEL_FILES[ONNX]
+    model_path = folder / model_file(job.version, ONNX)
     model_path.parent.mkdir(parents=True)
     with steps.step(f"d{depth}: trace ONNX (opset 18, dynamic batch)"):
         trace(job.model, depth, model_path)
@@ -192,7 +192,7 @@ def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path
     """A TensorRT engine from the checked ONNX graph, held to ONNX Runtime's logits on the same images."""
     trt, t0 = _tensorrt(), time.perf_counter()
     folder = stage / folder_name(job.name, depth, TENSORRT)
-    plan_path = folder / str(job.version) / MODEL_FILES[TENSORRT]
+    plan_path = folder / model_file(job.version, TENSORRT)
     plan_path.parent.mkdir(parents=True)
     with steps.step(f"d{depth}: build TensorRT engine ({job.precision}, batch 1..{job.max_batch})"):
         engine = trt.build_engine(onnx_path, plan_path, job.chw, job.max_batch, job.precision)
@@ -229,10 +229,10 @@ def _on(samples: Samples) -> str:
 def write_folder(job: Job, folder: Path, depth: int, platform: str, parity: dict, accuracy: dict | None,
                  tensorrt: dict | None = None) -> None:  # fmt: skip
     """labels.txt, config.pbtxt and last the manifest, whose checksums cover the other files."""
-    cfg, model_file = job.model.cfg, next((folder / str(job.version)).iterdir())
+    cfg = job.model.cfg
     (folder / LABELS_FILE).write_text("".join(f"{label}\n" for label in job.meta["labels"]))
     (folder / CONFIG_FILE).write_text(config_pbtxt(folder.name, platform, job.max_batch, job.chw, cfg.num_classes))
-    files = file_entries(folder, [CONFIG_FILE, LABELS_FILE, str(model_file.relative_to(folder))])
+    files = file_entries(folder, [CONFIG_FILE, LABELS_FILE, model_file(job.version, platform)])
     manifest = build_manifest(
         name=job.name, triton_name=folder.name, version=job.version, depth=depth, platform=platform,
         max_batch=job.max_batch, meta=job.meta, cfg=cfg, checkpoint=job.checkpoint,
@@ -248,13 +248,13 @@ def _parity(job: Job, reference: str, result: dict, atol: float | None) -> dict:
 
 
 def _row(job: Job, folder: Path, depth: int, platform: str, result: dict, accuracy: dict | None, t0: float) -> dict:
-    model_file = next((folder / str(job.version)).iterdir())
+    relative = model_file(job.version, platform)
     return {
         "model": folder.name,
         "depth": depth,
         "platform": platform,
-        "file": str(job.repo / folder.name / model_file.relative_to(folder)),
-        "size_bytes": model_file.stat().st_size,
+        "file": str(job.repo / folder.name / relative),
+        "size_bytes": (folder / relative).stat().st_size,
         **result,
         "accuracy": None if accuracy is None else accuracy["top1"],
         "seconds": round(time.perf_counter() - t0, 2),

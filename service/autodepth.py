@@ -88,12 +88,6 @@ class AutoDepth:
         self.follow(probe or forecast, now)
         return self.choose(forecast, budget_ms)
 
-    def follow(self, probe: Forecast, now: float) -> None:
-        """Move the server-wide `current` by the forecast of a typical request (one image, the usual wait so
-        far): a request of many images, or one slow to decode, must not make every depth look slow for
-        everyone else. The only place `current` changes, besides `observe`'s feedback."""
-        self._follow(probe, now)
-
     def choose(self, forecast: Forecast, budget_ms: float | None = None) -> Decision | None:
         """The depth for one request, or None to reject it; reads `current`, changes nothing.
 
@@ -113,8 +107,12 @@ class AutoDepth:
         unloaded = _deepest(forecast.idle_ms, budget, self.depths) or shallowest
         return Decision(depth, OVERLOAD if depth < unloaded else LATENCY_TARGET)
 
-    def _follow(self, forecast: Forecast, now: float) -> None:
-        """One depth down when the current one is uncomfortable or its answers miss the target (at most once
+    def follow(self, forecast: Forecast, now: float) -> None:
+        """Move the server-wide `current` by the forecast of a typical request (one image, the usual wait so
+        far): a request of many images, or one slow to decode, must not make every depth look slow for
+        everyone else. The only place `current` changes, besides `observe`'s feedback.
+
+        One depth down when the current one is uncomfortable or its answers miss the target (at most once
         per step_down_every_s), one up after the hold; after a quiet spell (nothing queued to protect),
         straight to the deepest comfortable depth."""
         comfortable = [d for d in self.depths if self._comfortable(forecast, d)]

@@ -75,13 +75,9 @@ class InferResult:
     model: str
     model_version: str
     depth_requested: Depth | None
-    images: list[ImageResult]
+    images: list[ImageResult]  # each image's logits are a row of `logits`
     timing: Timing
-
-    @property
-    def logits(self) -> np.ndarray:
-        """[n, classes] float32, in request order."""
-        return np.stack([image.logits for image in self.images])
+    logits: np.ndarray  # [n, classes] float32, in request order
 
 
 @dataclass(frozen=True)
@@ -219,7 +215,7 @@ class InferenceCore:
         started, finished = rows["started"].min(), (rows["started"] + rows["run_s"]).max()
         loop_now = asyncio.get_running_loop().time()
         timing = Timing(_ms(started - queued_at), _ms(finished - started), _ms(loop_now - request.context.received_at))
-        return InferResult(served.name, str(served.model.version), request.depth, images, timing)
+        return InferResult(served.name, str(served.model.version), request.depth, images, timing, rows["logits"])
 
     @staticmethod
     def _since(received_at: float) -> float:
