@@ -61,7 +61,8 @@ def free_port() -> int:
 def serve_command(repo: Path, port: int) -> list[str]:
     """`python -m service` through this interpreter, so it runs the same installation as the benchmark, and
     without the umbrella `srvit` CLI: the benchmark needs only the server package installed beside it."""
-    return [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
+    return [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port),
+            "--grpc-port", "0"]  # fmt: skip
 
 
 @contextmanager

@@ -9,23 +9,25 @@ from collections.abc import Callable, Iterator
 from service.errors import ClientClosedRequest, NotReady, Overloaded, ServiceError
 from service.inference import RequestContext
 from service.metrics import NONE, Metrics
+from service.statistics import Statistics
 
 
 class Accounting:
     """`track` wraps one request from before its body is read to its rendered answer, whatever the protocol."""
 
-    def __init__(self, metrics: Metrics, max_in_flight: int, refusal: Callable[[], str | None],
-                 retry_after_s: Callable[[], float]):  # fmt: skip
-        self.metrics, self.max_in_flight = metrics, max_in_flight
+    def __init__(self, metrics: Metrics, statistics: Statistics, max_in_flight: int,
+                 refusal: Callable[[], str | None], retry_after_s: Callable[[], float]):  # fmt: skip
+        self.metrics, self.statistics, self.max_in_flight = metrics, statistics, max_in_flight
         self._refusal, self._retry_after_s = refusal, retry_after_s  # why the server takes no requests now
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
     @contextlib.contextmanager
-    def track(self, request_id: str) -> Iterator[RequestContext]:
-        """Admit the request and count it until its answer is built; count its outcome in metrics, model and
-        depth as far as the core learnt them. A cancelled request (the client went away) counts as 499."""
+    def track(self, request_id: str, protocol: str) -> Iterator[RequestContext]:
+        """Admit the request and count it until its answer is built; count its outcome in metrics (and a
+        failure in the model's statistics), model and depth as far as the core learnt them. A cancelled request
+        (the client went away) counts as 499. `protocol` is one of metrics.PROTOCOLS."""
         loop = asyncio.get_running_loop()
         ctx, status = RequestContext(request_id, loop.time()), 500
         try:
@@ -46,7 +48,10 @@ class Accounting:
             status = ClientClosedRequest.status
             raise
         finally:
-            self.metrics.request(ctx.model, ctx.depth, status, loop.time() - ctx.received_at)
+            seconds = loop.time() - ctx.received_at
+            self.metrics.request(ctx.model, ctx.depth, status, protocol, seconds)
+            if status != 200 and ctx.model is not None:
+                self.statistics.failed(ctx.model, ctx.depth, seconds)
 
     def _admit(self) -> None:
         """Called before the body is read: past max_in_flight, a flood of slow uploads would hold memory and

@@ -56,7 +56,8 @@ class Request:
     deadline: float | None  # loop.time() seconds
     future: asyncio.Future
     enqueued_at: float  # loop.time() seconds
-    rank: float  # EDF order: the deadline, or enqueued_at + default_budget_s if that is sooner
+    order: float  # place in its key's queue: enqueued_at + the time it yields to later work (priority)
+    rank: float  # EDF order: the deadline, or order + default_budget_s if that is sooner
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
 
@@ -70,9 +71,12 @@ class Batcher:
 
     - Batches are homogeneous: one key (model, depth) per batch, since each key is its own graph.
     - A key's batch closes when its queue holds `max_batch_size` images or `max_queue_delay_ms` after the
-      oldest queued request arrived. Requests are taken FIFO and never split across batches, except that a
-      request larger than `max_batch_size` is split into `max_batch_size` chunks up front (each queued as
+      oldest queued request arrived. Requests are taken in order and never split across batches, except that
+      a request larger than `max_batch_size` is split into `max_batch_size` chunks up front (each queued as
       its own request) and its rows are reassembled in order; if any chunk fails, the whole request fails.
+    - The order is arrival (FIFO), except that a request submitted with `yield_s` lets work that arrives up to
+      `yield_s` after it go first (how priority levels are served): it is queued as if it had arrived
+      `yield_s` later, so it is delayed by at most that much, never starved.
     - The executor picks, among keys with a closed batch, the one whose batch holds the earliest deadline.
       A request without a deadline ranks as if due `default_budget_s` after it arrived: among themselves
       such requests go by arrival, and under sustained deadline traffic they still age into service. A
@@ -151,7 +155,8 @@ class Batcher:
 
     # -- submitting -------------------------------------------------------------------------------
 
-    def submit(self, key: Key, images: np.ndarray, deadline: float | None = None) -> asyncio.Future:
+    def submit(self, key: Key, images: np.ndarray, deadline: float | None = None, *,
+               yield_s: float = 0.0) -> asyncio.Future:  # fmt: skip
         """Queue `images` [n, C, H, W] for `key`; the future resolves to its n output rows, in order.
 
         Raises at once (nothing queued): NotReady, InvalidParameter (n > max_queue_images),
@@ -160,7 +165,8 @@ class Batcher:
         """
         self._admit(key, images, deadline)
         limit = self._limit(key)
-        futures = [self._enqueue(key, images[i : i + limit], deadline) for i in range(0, len(images), limit)]
+        chunks = range(0, len(images), limit)
+        futures = [self._enqueue(key, images[i : i + limit], deadline, yield_s) for i in chunks]
         self._wakeup.set()
         return futures[0] if len(futures) == 1 else _joined(futures)
 
@@ -185,16 +191,21 @@ class Batcher:
         self._notify("on_reject", key, reason)
         return error
 
-    def _enqueue(self, key: Key, images: np.ndarray, deadline: float | None) -> asyncio.Future:
+    def _enqueue(self, key: Key, images: np.ndarray, deadline: float | None, yield_s: float) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         now = loop.time()
+        order = now + yield_s
         # A generous deadline must not rank behind requests that named none: those count as due after the budget.
-        rank = now + self.default_budget_s if deadline is None else min(deadline, now + self.default_budget_s)
-        req = Request(key, images, deadline, loop.create_future(), now, rank)
+        rank = order + self.default_budget_s if deadline is None else min(deadline, order + self.default_budget_s)
+        req = Request(key, images, deadline, loop.create_future(), now, order, rank)
         if deadline is not None:
             req.timer = loop.call_at(deadline, self._expire, req)
         req.future.add_done_callback(lambda _: self._settled(req))
-        self._queues.setdefault(key, deque()).append(req)
+        queue = self._queues.setdefault(key, deque())
+        at = len(queue)
+        while at > 0 and queue[at - 1].order > order:  # without yields this is an append
+            at -= 1
+        queue.insert(at, req)
         self._queued[key] = self._queued.get(key, 0) + req.n
         return req.future
 
@@ -262,11 +273,11 @@ class Batcher:
 
     def _closed(self, key: Key, queue: deque[Request], now: float) -> bool:
         full = self._queued[key] >= self._limit(key)
-        return self._draining or full or now >= queue[0].enqueued_at + self.max_queue_delay_s
+        return self._draining or full or now >= _oldest(queue) + self.max_queue_delay_s
 
     def _next_close_at(self) -> float | None:
-        heads = [queue[0].enqueued_at for queue in self._queues.values() if queue]
-        return min(heads) + self.max_queue_delay_s if heads else None
+        oldest = [_oldest(queue) for queue in self._queues.values() if queue]
+        return min(oldest) + self.max_queue_delay_s if oldest else None
 
     async def _sleep(self, until: float | None, loop: asyncio.AbstractEventLoop) -> None:
         """Until a submit wakes us or the oldest queued request's delay runs out."""
@@ -287,7 +298,7 @@ class Batcher:
         return rank
 
     def _take(self, key: Key, now: float) -> list[Request]:
-        """FIFO up to the key's batch limit; dead requests are dropped on the way and take no room."""
+        """In queue order up to the key's batch limit; dead requests are dropped on the way and take no room."""
         queue, limit = self._queues[key], self._limit(key)
         batch, size = [], 0
         while queue and (_dead(queue[0], now) or size + queue[0].n <= limit):
@@ -352,6 +363,11 @@ class Batcher:
             getattr(self.observer, hook)(*args)
         except Exception:
             log.exception("batcher observer %s failed", hook)
+
+
+def _oldest(queue: deque[Request]) -> float:
+    """When the queue's longest-waiting request arrived (not always the head: yields reorder)."""
+    return min(req.enqueued_at for req in queue)
 
 
 def _dead(req: Request, now: float) -> bool:

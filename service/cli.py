@@ -13,7 +13,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
-from service.lifecycle import Service
+from service.lifecycle import Service, StartupError
 from service.repository import RepositoryError
 from service.settings import Settings
 
@@ -56,7 +56,7 @@ async def serve(settings: Settings) -> int:
     service: Service = app.state.service
     try:
         await service.start()  # before binding: a broken repository never gets a port, just a message
-    except RepositoryError as e:
+    except (RepositoryError, StartupError) as e:
         print(f"srvit serve: cannot start: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -45,6 +45,12 @@ class ModelNotFound(ServiceError):
     status, code = 404, "model_not_found"
 
 
+class ModelControlDisabled(ServiceError):
+    """Loading or unloading a model: the repository is fixed at start-up (Triton's model control mode none)."""
+
+    status, code = 400, "model_control_disabled"
+
+
 class Overloaded(ServiceError):
     """Queue full: `retry_after_s` feeds the Retry-After header (whole seconds, at least 1)."""
 

@@ -23,6 +23,7 @@ from service.forecast import Forecaster
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
 from service.repository import Model
+from service.statistics import Statistics
 
 Depth = int | Literal["auto"]
 Images = Sequence[bytes] | np.ndarray  # encoded files, or a decoded float32 [n, C, H, W] tensor
@@ -53,6 +54,7 @@ class InferRequest:
     timeout_s: float | None = None  # from `context.received_at`; None: no deadline
     top_k: int | None = None  # predictions per image; None: the server's default_top_k
     predictions: bool = True  # False when the caller wants logits only (V2)
+    priority: int | None = None  # 1 is the highest level (Triton's meaning); None: the default level
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,24 @@ class InferResult:
     images: list[ImageResult]  # each image's logits are a row of `logits`
     timing: Timing
     logits: np.ndarray  # [n, classes] float32, in request order
+
+
+@dataclass(frozen=True)
+class PriorityPolicy:
+    """Levels 1 (highest) to `levels`; no level (Triton's 0) or one beyond `levels` is the default level, as
+    in Triton. A request at level p lets work that arrives up to (p - 1) * step_s after it go first: among
+    equal levels the order is arrival, and a lower level waits at most that much longer behind a stream of
+    higher ones, so it is never starved."""
+
+    levels: int = 1
+    default_level: int = 1
+    step_s: float = 0.0
+
+    def level(self, priority: int | None) -> int:
+        return priority if priority is not None and 1 <= priority <= self.levels else self.default_level
+
+    def yield_s(self, priority: int | None) -> float:
+        return (self.level(priority) - 1) * self.step_s
 
 
 @dataclass(frozen=True)
@@ -108,9 +128,11 @@ class InferenceCore:
     the queue the previous ones left."""
 
     def __init__(self, served: dict[str, ServedModel], batcher: Batcher, forecaster: Forecaster,
-                 pool: ThreadPoolExecutor, metrics: Metrics, default_top_k: int):  # fmt: skip
+                 pool: ThreadPoolExecutor, metrics: Metrics, statistics: Statistics, default_top_k: int,
+                 priority: PriorityPolicy | None = None):  # fmt: skip
         self.served, self.batcher, self.forecaster = served, batcher, forecaster
-        self.pool, self.metrics, self.default_top_k = pool, metrics, default_top_k
+        self.pool, self.metrics, self.statistics, self.default_top_k = pool, metrics, statistics, default_top_k
+        self.priority = priority or PriorityPolicy()
         self.pre_queue_ms = MovingAverage(PRE_QUEUE_SMOOTHING)  # time requests spend before the device queue
 
     async def infer(self, request: InferRequest) -> InferResult:
@@ -134,9 +156,16 @@ class InferenceCore:
         if decode_s is not None:
             self.metrics.preprocess_seconds.labels(served.name, str(depth)).observe(decode_s)
         queued_at = asyncio.get_running_loop().time()
-        rows = await self.batcher.submit((served.name, depth), tensors, deadline)
+        yield_s = self.priority.yield_s(request.priority)
+        rows = await self.batcher.submit((served.name, depth), tensors, deadline, yield_s=yield_s)
         served.auto.observe(depth, self._since(ctx.received_at))  # latency feedback, whichever protocol asked
-        return self._result(served, request, depth, reason, rows, queued_at)
+        t0 = time.perf_counter()
+        result = self._result(served, request, depth, reason, rows, queued_at)
+        t = result.timing
+        self.statistics.succeeded(served.name, depth, total_s=t.total_ms / 1000, queue_s=t.queue_ms / 1000,
+                                  decode_s=decode_s or 0.0, infer_s=t.inference_ms / 1000,
+                                  output_s=time.perf_counter() - t0)  # fmt: skip
+        return result
 
     def resolve(self, name: str | None) -> ServedModel:
         if name is None:

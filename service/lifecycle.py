@@ -11,13 +11,20 @@ from service.accounting import Accounting
 from service.device import Device
 from service.forecast import Forecaster
 from service.health import DRAINING, LEAVING, READY, SERVING, STARTING, STOPPED, is_ready, refusal
-from service.inference import InferenceCore, ServedModel
+from service.inference import InferenceCore, PriorityPolicy, ServedModel
 from service.loading import serve_model
 from service.metrics import BatchMetrics, Metrics
 from service.repository import load_repository
 from service.settings import Settings
+from service.statistics import Statistics
 
 log = logging.getLogger(__name__)
+
+GRPC_CLOSE_S = 5.0  # after draining, for gRPC calls still open (as uvicorn's graceful close for HTTP)
+
+
+class StartupError(Exception):
+    """Start-up cannot finish for a reason outside the repository (a port in use)."""
 
 
 class Service:
@@ -37,7 +44,10 @@ class Service:
         self.forecaster: Forecaster | None = None
         self.core: InferenceCore | None = None
         self.pool: ThreadPoolExecutor | None = None
-        self.accounting = Accounting(self.metrics, settings.max_in_flight, lambda: refusal(self), self._retry_after_s)
+        self.grpc = None  # the GrpcFrontEnd, while grpc_port is on
+        self.statistics = Statistics()
+        self.accounting = Accounting(self.metrics, self.statistics, settings.max_in_flight, lambda: refusal(self),
+                                     self._retry_after_s)  # fmt: skip
         self.metrics.latency_target.set(settings.latency_target_ms / 1000)
         self.metrics.watch_ready(lambda: is_ready(self))
         self._start_task: asyncio.Task | None = None
@@ -60,7 +70,7 @@ class Service:
     async def _start(self) -> None:
         s = self.settings
         models = await asyncio.to_thread(load_repository, s.repo)
-        self.device = Device(s.max_queue_delay_ms, s.max_queue_images, BatchMetrics(self.metrics))
+        self.device = Device(s.max_queue_delay_ms, s.max_queue_images, BatchMetrics(self.metrics, self.statistics))
         self.forecaster = Forecaster(self.device, s.max_queue_delay_ms)
         try:
             for model in models.values():
@@ -69,11 +79,25 @@ class Service:
             await self.device.stop(drain=False, timeout_s=0)
             raise
         self.pool = ThreadPoolExecutor(s.preprocess_threads, thread_name_prefix="srvit-preprocess")
+        priority = PriorityPolicy(s.priority_levels, s.default_priority_level, s.priority_step_ms / 1000)
         self.core = InferenceCore(self.served, self.device.batcher, self.forecaster, self.pool, self.metrics,
-                                  s.default_top_k)  # fmt: skip
+                                  self.statistics, s.default_top_k, priority)  # fmt: skip
         self.device.start()
+        if s.grpc_port:
+            await self._start_grpc()
         self.state = READY
         log.info("ready: %s", ", ".join(f"{n} depths {m.model.depths}" for n, m in self.served.items()))
+
+    async def _start_grpc(self) -> None:
+        """The gRPC front end on the same loop and core; a port that cannot be bound stops start-up."""
+        from service.grpc_server import GrpcFrontEnd  # grpc loads only when the port is on
+
+        try:
+            self.grpc = GrpcFrontEnd(self)
+        except OSError as e:
+            await self.device.stop(drain=False, timeout_s=0)
+            raise StartupError(str(e)) from e
+        await self.grpc.start()
 
     def describe(self) -> list[dict]:
         """Every served model as GET /v1/models shows it: depths, accuracy, measured latency, runtime, limits."""
@@ -146,6 +170,8 @@ class Service:
             return
         await self.drain()
         self.state = STOPPED
+        if self.grpc is not None:
+            await self.grpc.stop(GRPC_CLOSE_S)
         if self.device is not None:
             await self.device.stop(drain=False, timeout_s=0)
         if self.pool is not None:

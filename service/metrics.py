@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from service.batcher import Key, Observer
 from service.errors import ServiceError
+from service.statistics import Statistics
 
 # 0.5 ms .. 10 s: a small graph on a GPU and a deep one on a busy CPU land in the same buckets' range.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -17,6 +18,8 @@ NONE = ""  # label value before the model or depth is known (a request refused a
 # alone limits it); "overload", shallower because of the load; "refused". The share of the last two is the load
 # that one more replica would serve at full accuracy: the autoscaling signal of deploy/kubernetes/.
 AUTO_OUTCOMES = ("latency_target", "overload", "refused")
+# The front end a request came by: POST /classify, the Open Inference Protocol over HTTP, or over gRPC.
+PROTOCOLS = ("classify", "v2_http", "v2_grpc")
 
 
 class Metrics:
@@ -26,7 +29,8 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
         md = ("model", "depth")
-        self.requests = self._counter("srvit_requests", "Classification requests by outcome", (*md, "status"))
+        self.requests = self._counter("srvit_requests", "Classification requests by outcome and front end",
+                                      (*md, "status", "protocol"))  # fmt: skip
         self.request_seconds = self._seconds("srvit_request_duration_seconds", "Successful request latency", md)
         self.queue_seconds = self._seconds("srvit_queue_wait_seconds", "Queued until its batch started", md)
         self.inference_seconds = self._seconds("srvit_inference_duration_seconds", "Time one batch ran", md)
@@ -67,9 +71,11 @@ class Metrics:
     def watch_ready(self, ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: float(ready()))
 
-    def request(self, model: str, depth: int | None, status: int, seconds: float | None = None) -> None:
+    def request(self, model: str, depth: int | None, status: int, protocol: str, seconds: float | None = None) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
         labels = (model or NONE, NONE if depth is None else str(depth))
-        self.requests.labels(*labels, str(status)).inc()
+        self.requests.labels(*labels, str(status), protocol).inc()
         if status == 200 and seconds is not None:
             self.request_seconds.labels(*labels).observe(seconds)
 
@@ -80,10 +86,12 @@ class Metrics:
 class BatchMetrics(Observer):
     """The batcher's events as metrics; the batcher itself never imports prometheus."""
 
-    def __init__(self, metrics: Metrics):
-        self.m = metrics
+    def __init__(self, metrics: Metrics, statistics: Statistics | None = None):
+        self.m, self.statistics = metrics, statistics
 
     def on_batch(self, key: Key, size: int, queue_wait_s: Sequence[float], run_s: float) -> None:
+        if self.statistics is not None:
+            self.statistics.batch(*key, size, run_s)
         labels = _md(key)
         self.m.batch_size.labels(*labels).observe(size)
         self.m.images.labels(*labels).inc(size)

@@ -55,7 +55,7 @@ def _classify_openapi() -> dict:
 )
 async def classify(request: Request) -> JSONResponse:
     svc, rid = service(request), request_id(request)
-    with svc.accounting.track(rid) as ctx:
+    with svc.accounting.track(rid, "classify") as ctx:
         s = svc.settings
         body = await read_body(request, s.max_body_bytes, s.body_timeout_s, s.max_images_per_request)
         params = classify_params(request.query_params, body.fields)

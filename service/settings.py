@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     repo: Path = Field(Path("model_repo"), description="model repository written by `srvit export`")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the Open Inference Protocol over gRPC, as Triton's (0: off)"
+    )
     default_depth: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="depth when a request names none: a number, or auto (default: each model's deepest)"
     )
@@ -78,6 +81,16 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="after the shutdown delay, time allowed for admitted, queued and running work"
     )
+    priority_levels: int = Field(
+        3, ge=1, le=16, description="request priority levels, 1 the highest (Triton's `priority` parameter)"
+    )
+    default_priority_level: int = Field(2, ge=1, description="the level of a request that names none (or 0)")
+    priority_step_ms: float = Field(
+        100.0,
+        ge=0,
+        description="each level below 1 lets work arriving up to this much later go first: a lower level waits "
+        "at most (level - 1) * step behind higher ones, never starves",
+    )
     body_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive a request body (408)")
     default_top_k: int = Field(5, ge=1, description="predictions returned when a request names no top_k")
     warmup_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field(
@@ -93,6 +106,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _default_level_exists(self):
+        if self.default_priority_level > self.priority_levels:
+            raise ValueError(f"default_priority_level {self.default_priority_level} is above priority_levels "
+                             f"{self.priority_levels}")  # fmt: skip
+        return self
 
     @field_validator("warmup_batch_sizes")
     @classmethod

@@ -1,37 +1,38 @@
-"""The Open Inference Protocol (KServe v2) subset Triton's clients need: health, model metadata, FP32 tensor infer.
+"""The Open Inference Protocol (KServe V2) over HTTP, as Triton's HTTP front end speaks it: health, server and
+model metadata, model configuration, statistics, the repository index, and inference with the binary tensor
+data, classification and parameters extensions (service/oip.py holds what gRPC shares).
 
 A model is addressed by its logical name (depth from the `depth` request parameter, default the model's
 default) or by its Triton folder name (`tiny_d2` is depth 2), so a client written against Triton serving
-the same model_repo/ works unchanged. Tensors travel as JSON or with the binary tensor data extension.
+the same model_repo/ works unchanged. Images travel as an FP32 tensor or as encoded files in a BYTES tensor;
+a body may be sent gzip- or deflate-compressed, as tritonclient can.
 """
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
-from pydantic import TypeAdapter, ValidationError
 
-from service import health
-from service.body import check_encoding, is_byte_count, receive, unless_disconnected
-from service.errors import BadRequest, InvalidParameter, ModelNotFound, PayloadTooLarge
+from service import health, oip
+from service.body import compression, is_byte_count, receive, unless_disconnected
+from service.errors import BadRequest, ModelControlDisabled, PayloadTooLarge
 from service.http_context import service
 from service.http_errors import request_id
-from service.inference import Depth, InferRequest, InferResult, RequestContext, ServedModel
+from service.inference import Images, InferResult, ServedModel
 from service.lifecycle import Service
 from service.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-US_PER_S = 1_000_000
-MAX_TIMEOUT_US = 3600 * US_PER_S  # an hour: longer is a mistake, and huge integers would overflow float math
+REPOSITORY_BODY_BYTES = 4096  # {"repository_name": ..., "ready": true}
+MODEL_CONTROL_OFF = oip.MODEL_CONTROL_OFF
 
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
-    return {"name": "srvit", "version": "1", "extensions": ["binary_tensor_data"]}
+    return oip.server_metadata()
 
 
 @router.get("/health/live", summary="200 while the process answers and its device loop runs")
@@ -47,14 +48,15 @@ async def ready(request: Request) -> dict:
 
 
 def resolve(svc: Service, name: str, version: str | None = None) -> tuple[ServedModel, int | None]:
-    """(model, depth fixed by a Triton folder name or None); the version must be the served one if given."""
-    for served in svc.served.values():
-        depth = served.model.depth_named(name)
-        if served.name == name or depth is not None:
-            if version is not None and version != str(served.model.version):
-                raise ModelNotFound(f"{name} has no version {version}; served: {served.model.version}")
-            return served, depth
-    raise ModelNotFound(f"no model named {name!r}; served: {sorted(svc.served)} or their Triton folder names")
+    return oip.resolve(svc.served, name, version)
+
+
+# Declared before /models/{name}: "stats" is not a model name.
+@router.get("/models/stats", summary="Statistics of every model and depth folder (statistics extension)")
+async def all_statistics(request: Request) -> dict:
+    svc = service(request)
+    health.check_described(svc)
+    return {"model_stats": oip.all_statistics(svc.statistics, svc.served)}
 
 
 @router.get("/models/{name}", summary="Model metadata")
@@ -63,15 +65,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     svc = service(request)
     health.check_described(svc)
     served, _ = resolve(svc, name, version)
-    m = served.model.manifest
-    return {
-        "name": name,
-        "versions": [str(served.model.version)],
-        "platform": "srvit",
-        "inputs": [{"name": m.input.name, "datatype": m.input.datatype, "shape": list(m.input.shape)}],
-        "outputs": [{"name": m.output.name, "datatype": m.output.datatype, "shape": list(m.output.shape)}],
-        "parameters": {"depths": served.model.depths, "default_depth": served.default_depth},
-    }
+    return oip.metadata(served, name)
 
 
 @router.get("/models/{name}/ready", summary="200 when the model is ready")
@@ -83,20 +77,59 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
     return {"name": name, "ready": True}
 
 
-@router.post("/models/{name}/infer", summary="Inference on an FP32 image tensor [n, C, H, W]")
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on an FP32 image tensor [n, C, H, W]")
+@router.get("/models/{name}/config", summary="Model configuration, as Triton reads config.pbtxt")
+@router.get("/models/{name}/versions/{version}/config", summary="Model configuration, as Triton reads config.pbtxt")
+async def model_config(request: Request, name: str, version: str | None = None) -> dict:
+    svc = service(request)
+    health.check_described(svc)
+    served, _ = resolve(svc, name, version)
+    return oip.config_json(oip.model_config(served, name))
+
+
+@router.get("/models/{name}/stats", summary="Statistics (statistics extension)")
+@router.get("/models/{name}/versions/{version}/stats", summary="Statistics (statistics extension)")
+async def model_statistics(request: Request, name: str, version: str | None = None) -> dict:
+    svc = service(request)
+    health.check_described(svc)
+    served, _ = resolve(svc, name, version)
+    return {"model_stats": [oip.statistics(svc.statistics, served, name)]}
+
+
+@router.post("/repository/index", summary="Every model and depth folder with its state (model repository extension)")
+async def repository_index(request: Request) -> list[dict]:
+    svc = service(request)
+    health.check_described(svc)
+    body = await receive(request, REPOSITORY_BODY_BYTES, svc.settings.body_timeout_s)
+    ready_only = _object(parse_json(body) if body.strip() else None, "the index request").get("ready", False)
+    ready = health.is_ready(svc)
+    return [] if ready_only and not ready else oip.repository_index(svc.served, ready)
+
+
+@router.post("/repository/models/{name}/load", summary="Refused: the repository is fixed at start-up")
+@router.post("/repository/models/{name}/unload", summary="Refused: the repository is fixed at start-up")
+async def model_control(name: str) -> None:
+    raise ModelControlDisabled(MODEL_CONTROL_OFF)
+
+
+INFER_SUMMARY = "Inference on images: FP32 tensor `images` [n, C, H, W] or BYTES `image` (encoded files)"
+
+
+@router.post("/models/{name}/infer", summary=INFER_SUMMARY)
+@router.post("/models/{name}/versions/{version}/infer", summary=INFER_SUMMARY)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     svc, rid = service(request), request_id(request)
-    with svc.accounting.track(rid) as ctx:
+    with svc.accounting.track(rid, "v2_http") as ctx:
         served, fixed_depth = resolve(svc, name, version)
         ctx.model = served.name
         split = json_length(request.headers)
         body = await receive_infer(request, svc.settings, split)
         # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks
-        header, images = await svc.core.offload(parse_infer, body, split, served)
-        infer = infer_request(ctx, header, images, served, fixed_depth)
+        header, images = await svc.core.offload(parse_infer, body, split, served, svc.settings.max_images_per_request)
+        params = _object(header.get("parameters"), '"parameters"')
+        wanted = oip.requested_outputs(requested(header), served)
+        infer = oip.infer_request(ctx, params, images, served, fixed_depth)
         result = await unless_disconnected(request, svc.core.infer(infer))
-        return infer_response(header, served, name, result, rid)
+        return infer_response(header, params, oip.outputs(result, wanted, served.model.labels), name, result, rid)
 
 
 def json_length(headers) -> int | None:
@@ -111,14 +144,14 @@ def json_length(headers) -> int | None:
 
 async def receive_infer(request: Request, s: Settings, split: int | None) -> bytes:
     """JSON is parsed into Python objects many times its size, so the JSON part has a lower limit than a
-    body of binary tensors."""
-    check_encoding(request.headers)
+    body of binary tensors. A compressed body counts its inflated size against the limits while inflating."""
+    encoding = compression(request.headers)
     if split is not None:
         if split > s.max_json_body_bytes:
             raise _json_too_large(s.max_json_body_bytes)
-        return await receive(request, s.max_body_bytes, s.body_timeout_s)
+        return await receive(request, s.max_body_bytes, s.body_timeout_s, encoding)
     try:
-        return await receive(request, s.max_json_body_bytes, s.body_timeout_s)
+        return await receive(request, s.max_json_body_bytes, s.body_timeout_s, encoding)
     except PayloadTooLarge:
         raise _json_too_large(s.max_json_body_bytes) from None
 
@@ -130,22 +163,26 @@ def _json_too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-def parse_infer(body: bytes, split: int | None, served: ServedModel) -> tuple[dict, np.ndarray]:
-    """The JSON header and the one FP32 input as [n, C, H, W], from JSON data or the binary extension.
+def parse_infer(body: bytes, split: int | None, served: ServedModel, max_images: int) -> tuple[dict, Images]:
+    """The JSON header and the request's images, from JSON data or the binary extension.
     Runs in the thread pool; every malformed shape of the JSON is a client error, never a 500."""
     split = len(body) if split is None else split
     header = parse_header(body[:split])
-    return header, _tensor(header["inputs"][0], body[split:], served)
+    return header, oip.images_of(input_tensors(header["inputs"], body[split:]), served, max_images)
+
+
+def parse_json(text: bytes):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested arrays
+        raise BadRequest(f"the request is not valid JSON ({e})") from e
 
 
 def parse_header(text: bytes) -> dict:
-    try:
-        header = json.loads(text)
-    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested arrays
-        raise BadRequest(f"the inference request is not valid JSON ({e})") from e
+    header = parse_json(text)
     inputs = header.get("inputs") if isinstance(header, dict) else None
-    if not (isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict)):
-        raise BadRequest('send one input tensor as the protocol describes: {"inputs": [{"name", "shape", '
+    if not (isinstance(inputs, list) and inputs and all(isinstance(i, dict) for i in inputs)):
+        raise BadRequest('send the input tensor as the protocol describes: {"inputs": [{"name", "shape", '
                          '"datatype", "data"}]}')  # fmt: skip
     _object(header.get("parameters"), '"parameters"')
     outputs = [] if header.get("outputs") is None else header["outputs"]
@@ -167,84 +204,55 @@ def _object(value, what: str) -> dict:
     return value
 
 
-def _tensor(tensor: dict, binary: bytes, served: ServedModel) -> np.ndarray:
-    expected = served.model.manifest.input
-    shape = tensor.get("shape")
-    if tensor.get("datatype") != "FP32" or not _is_shape(shape):
-        raise InvalidParameter(f"input must be FP32 with shape [n, C, H, W] of integers, as {list(expected.shape)}; "
-                               f"got datatype {tensor.get('datatype')!r}, shape {shape!r}")  # fmt: skip
-    if tensor.get("name") != expected.name or tuple(shape[1:]) != expected.shape[1:] or shape[0] < 1:
-        raise InvalidParameter(f"input must be named {expected.name!r} with shape {list(expected.shape)}")
-    return _tensor_data(tensor, binary, shape)
+def input_tensors(inputs: list[dict], binary: bytes) -> list[oip.InputTensor]:
+    """Each input's data: JSON `data`, or its `binary_data_size` bytes of what follows the header, in order."""
+    tensors, at = [], 0
+    for tensor in inputs:
+        size = _object(tensor.get("parameters"), "an input's parameters").get("binary_data_size")
+        if size is None:
+            if tensor.get("datatype") == "BYTES":
+                raise BadRequest(f"BYTES input {tensor.get('name')!r} must use the binary tensor data extension "
+                                 "(binary_data=True in tritonclient): image files are not JSON text")  # fmt: skip
+            if not isinstance(tensor.get("data"), list):
+                raise BadRequest(f'input {tensor.get("name")!r} needs "data" (a list) or binary_data_size')
+            raw = None
+        elif not (oip.is_int(size) and 0 <= size <= len(binary) - at):
+            raise BadRequest(f"binary_data_size must be a byte count within the body, got {size!r}")
+        else:
+            raw, at = binary[at : at + size], at + size
+        tensors.append(oip.InputTensor(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), raw,
+                                       tensor.get("data")))  # fmt: skip
+    return tensors
 
 
-def _tensor_data(tensor: dict, binary: bytes, shape: list[int]) -> np.ndarray:
-    size = _object(tensor.get("parameters"), "the input's parameters").get("binary_data_size")
-    if size is not None and not (_is_int(size) and size >= 0):
-        raise BadRequest(f"binary_data_size must be a byte count, got {size!r}")
-    try:
-        with np.errstate(over="ignore"):  # a number beyond float32 becomes infinity, refused below
-            data = np.frombuffer(binary[:size], "<f4") if size is not None else np.asarray(tensor["data"], np.float32)
-        data = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
-    except (KeyError, ValueError, TypeError, OverflowError) as e:
-        raise BadRequest(f"input data does not fill shape {shape} ({e})") from e
-    if not np.isfinite(data).all():  # inf or NaN would come back as NaN logits, which JSON cannot carry
-        raise BadRequest("input data must be finite numbers (no NaN or infinity)")
-    return data
+def requested(header: dict) -> dict[str, dict]:
+    return {o["name"]: o.get("parameters") or {} for o in header.get("outputs") or []}
 
 
-def _is_shape(shape) -> bool:
-    return isinstance(shape, list) and len(shape) == 4 and all(map(_is_int, shape))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def infer_request(ctx: RequestContext, header: dict, images: np.ndarray, served: ServedModel,
-                  fixed_depth: int | None) -> InferRequest:  # fmt: skip
-    """Depth from the folder name, else the `depth` parameter, else (None) the model's default."""
-    params = header.get("parameters") or {}
-    depth = fixed_depth or (None if "depth" not in params else _depth_param(params["depth"]))
-    timeout_s = _timeout_s(params.get("timeout"))
-    return InferRequest(ctx, images, served.name, depth, timeout_s, predictions=False)
-
-
-def _timeout_s(timeout_us) -> float | None:
-    """The reserved `timeout` parameter, in microseconds; absent or 0 means none, as in Triton."""
-    if timeout_us is None:
-        return None
-    number = isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool)
-    if not (number and 0 <= timeout_us <= MAX_TIMEOUT_US):  # NaN fails both comparisons
-        raise InvalidParameter(
-            f"parameter timeout must be a number of microseconds from 0 to {MAX_TIMEOUT_US}, got {timeout_us!r}"
-        )
-    return timeout_us / US_PER_S or None
-
-
-DEPTH = TypeAdapter(Depth)
-
-
-def _depth_param(value) -> Depth:
-    try:
-        return DEPTH.validate_python(value)
-    except ValidationError:
-        raise InvalidParameter(f"parameter depth must be an integer or 'auto', got {value!r}") from None
-
-
-def infer_response(header: dict, served: ServedModel, name: str, result: InferResult, rid: str) -> Response:
-    """JSON data, or binary after the JSON header when the client asked for its output that way."""
-    wanted = {o.get("name"): o.get("parameters") or {} for o in header.get("outputs") or []}
-    out_name = served.model.manifest.output.name
-    binary = wanted.get(out_name, {}).get("binary_data", False)
-    logits = result.logits
-    output = {"name": out_name, "datatype": "FP32", "shape": list(logits.shape)}
-    payload = logits.astype("<f4").tobytes() if binary else b""
-    output |= {"parameters": {"binary_data_size": len(payload)}} if binary else {"data": logits.ravel().tolist()}
+def infer_response(header: dict, params: dict, outputs: list[oip.Output], name: str, result: InferResult,
+                   rid: str) -> Response:  # fmt: skip
+    """Each output as JSON data, or binary after the JSON header when the client asked for it that way
+    (per output `binary_data`, or `binary_data_output` for a request that named no outputs)."""
+    asked = requested(header)
+    default_binary = params.get("binary_data_output", False) is True
+    rendered, payload = [], []
+    for output in outputs:
+        binary = asked.get(output.name, {}).get("binary_data", default_binary) is True
+        entry = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        if binary:
+            raw = output.raw()
+            payload.append(raw)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+        elif output.datatype == "BYTES":
+            entry["data"] = [v.decode() for v in output.values.ravel()]
+        else:
+            entry["data"] = output.values.ravel().tolist()
+        rendered.append(entry)
     depth_used = result.images[0].depth  # one depth per request until depth=adaptive
     body = {"model_name": name, "model_version": result.model_version, "id": header.get("id", rid),
-            "parameters": {"depth_used": depth_used}, "outputs": [output]}  # fmt: skip
+            "parameters": {"depth_used": depth_used}, "outputs": rendered}  # fmt: skip
     encoded = json.dumps(body).encode()
-    headers = {HEADER_LENGTH: str(len(encoded))} if binary else None
-    kind = "application/octet-stream" if binary else "application/json"
-    return Response(encoded + payload, media_type=kind, headers=headers)
+    if not payload:
+        return Response(encoded, media_type="application/json")
+    headers = {HEADER_LENGTH: str(len(encoded))}
+    return Response(encoded + b"".join(payload), media_type="application/octet-stream", headers=headers)

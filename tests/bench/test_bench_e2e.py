@@ -32,7 +32,7 @@ def bench_cli(argv: list[str]) -> int:
 
 def served_count(server, depth: str) -> float:
     """srvit_requests_total{depth, status="200"} as the server itself counted it."""
-    wanted = {"model": "tiny", "depth": depth, "status": "200"}
+    wanted = {"model": "tiny", "depth": depth, "status": "200", "protocol": "classify"}
     for family in text_string_to_metric_families(server.metrics()):
         for sample in family.samples:
             if sample.name == "srvit_requests_total" and sample.labels == wanted:

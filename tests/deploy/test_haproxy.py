@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 SRVIT = Path(sys.executable).with_name("srvit")
 FLAGS = ["--warmup-batch-sizes", "1", "--warmup-runs", "1", "--intra-op-threads", "1", "--preprocess-threads", "1",
-         "--shutdown-delay-s", "1"]  # fmt: skip
+         "--shutdown-delay-s", "1", "--grpc-port", "0"]  # fmt: skip
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy is not installed (apt-get install haproxy)")

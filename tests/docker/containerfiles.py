@@ -25,8 +25,9 @@ PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
 ALERTS = ROOT / "docker" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "srvit.json"
 # A test server's start-up in a second, and its stop without the shutdown delay.
+# Tests run several servers at once: none binds gRPC's fixed port unless the test gives it one.
 FAST_START = {"SRVIT_WARMUP_BATCH_SIZES": "1", "SRVIT_WARMUP_RUNS": "1", "SRVIT_PREPROCESS_THREADS": "1",
-              "SRVIT_SHUTDOWN_DELAY_S": "0"}  # fmt: skip
+              "SRVIT_SHUTDOWN_DELAY_S": "0", "SRVIT_GRPC_PORT": "0"}  # fmt: skip
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:

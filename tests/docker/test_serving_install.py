@@ -62,7 +62,8 @@ def test_the_base_install_serves_the_embedded_model(serving_venv, tmp_path):
     assert help_.returncode == 0 and "--latency-target-ms" in help_.stdout, help_.stderr
     port = servers.free_port()
     log = tmp_path / "serve.log"
-    argv = [srvit, "serve", "--repo", str(ROOT / "model_repo"), "--port", str(port), *FAST]
+    grpc_port = str(servers.free_port())  # the base install serves gRPC too
+    argv = [srvit, "serve", "--repo", str(ROOT / "model_repo"), "--port", str(port), "--grpc-port", grpc_port, *FAST]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SRVIT_")}
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)

@@ -38,9 +38,10 @@ def repo_copy(tiny_repo, tmp_path) -> Path:
 
 
 def fast_settings(repo: Path, **overrides) -> Settings:
-    """Start-up in well under a second: one warm-up size, one timed run, a 1 ms batch window."""
+    """Start-up in well under a second: one warm-up size, one timed run, a 1 ms batch window; no gRPC port
+    unless a test asks for one (several apps run side by side)."""
     base = {"repo": repo, "warmup_batch_sizes": (1,), "warmup_runs": 1, "max_queue_delay_ms": 1,
-            "preprocess_threads": 2, "intra_op_threads": 1}  # fmt: skip
+            "preprocess_threads": 2, "intra_op_threads": 1, "grpc_port": 0}  # fmt: skip
     return Settings(**{**base, **overrides})
 
 

@@ -25,10 +25,12 @@ class ServerProcess:
     started, waited for and stopped with the benchmark's own helpers."""
 
     def __init__(self, repo: Path, log_path: Path, *flags: str):
-        self.port = bench.free_port()
+        self.port, self.grpc_port = bench.free_port(), bench.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
-        args = [str(SRVIT), "serve", "--repo", str(repo), "--port", str(self.port), *FAST, *flags]
+        args = [str(SRVIT), "serve", "--repo", str(repo), "--port", str(self.port), "--grpc-port",
+                str(self.grpc_port), *FAST, *flags]  # fmt: skip
         env = clean_env()
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -242,7 +242,7 @@ async def test_requests_past_max_in_flight_are_503_before_their_body_is_read(ser
         yield png()
 
     async with serving(max_in_flight=1) as (app, client):
-        with app.state.service.accounting.track("held"):  # a request in progress holds the only slot
+        with app.state.service.accounting.track("held", "classify"):  # a request in progress holds the only slot
             refused = await client.post("/classify", content=body(), headers={"Content-Type": "image/png"})
         ok = await client.post("/classify", **raw(png()))
     assert (refused.status_code, refused.json()["code"]) == (503, "overloaded")

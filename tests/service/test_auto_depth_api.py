@@ -159,8 +159,8 @@ async def test_late_answers_on_the_v2_endpoint_also_step_auto_down(serving, slow
         batcher = app.state.service.device.batcher
         submit = batcher.submit
 
-        async def late_submit(*args):
-            rows = await submit(*args)
+        async def late_submit(*args, **kwargs):
+            rows = await submit(*args, **kwargs)
             await asyncio.sleep(0.15)  # every answer 150 ms late, after the device: the 100 ms target is missed
             return rows
 

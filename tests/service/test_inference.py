@@ -19,6 +19,7 @@ from service.loading import make_preprocessor
 from service.metrics import Metrics
 from service.profile import LatencyProfile
 from service.repository import load_repository
+from service.statistics import Statistics
 
 pytestmark = pytest.mark.anyio
 CLASSES = 3
@@ -31,7 +32,7 @@ class FakeBatcher:
         self.calls: list[tuple] = []
         self.queued = 0  # images the forecaster sees waiting for every key
 
-    async def submit(self, key, images, deadline=None):
+    async def submit(self, key, images, deadline=None, yield_s=0.0):
         self.calls.append((key, images.shape, deadline))
         rows = np.zeros(len(images), row_dtype(CLASSES))
         rows["logits"] = np.arange(CLASSES, dtype=np.float32) + key[1]
@@ -64,7 +65,7 @@ def core(tiny_repo):
     batcher = FakeBatcher()
     with ThreadPoolExecutor(2) as pool:
         forecaster = Forecaster(View(batcher, model.depths), max_queue_delay_ms=0.0)
-        yield InferenceCore({"tiny": served}, batcher, forecaster, pool, Metrics(), default_top_k=2)
+        yield InferenceCore({"tiny": served}, batcher, forecaster, pool, Metrics(), Statistics(), default_top_k=2)
 
 
 def request(images, **fields) -> InferRequest:
@@ -145,12 +146,12 @@ async def test_every_answer_feeds_the_auto_depth_and_the_pre_queue_average(core)
 
 
 def accounting(metrics: Metrics, refusal=None, max_in_flight: int = 2) -> Accounting:
-    return Accounting(metrics, max_in_flight, lambda: refusal, lambda: 3.0)
+    return Accounting(metrics, Statistics(), max_in_flight, lambda: refusal, lambda: 3.0)
 
 
 def counted(metrics: Metrics, status: str, model: str = "", depth: str = "") -> float:
     value = metrics.registry.get_sample_value(
-        "srvit_requests_total", {"model": model, "depth": depth, "status": status}
+        "srvit_requests_total", {"model": model, "depth": depth, "status": status, "protocol": "classify"}
     )
     return value or 0.0
 
@@ -158,10 +159,10 @@ def counted(metrics: Metrics, status: str, model: str = "", depth: str = "") -> 
 async def test_a_tracked_request_is_counted_with_its_model_depth_and_status():
     metrics = Metrics()
     acc = accounting(metrics)
-    with acc.track("a") as ctx:
+    with acc.track("a", "classify") as ctx:
         ctx.model, ctx.depth = "tiny", 2
         assert acc.in_flight == 1 and not acc.idle.is_set()
-    with pytest.raises(InvalidParameter), acc.track("b"):
+    with pytest.raises(InvalidParameter), acc.track("b", "classify"):
         raise InvalidParameter("bad")
     assert counted(metrics, "200", "tiny", "2") == 1 and counted(metrics, "422") == 1
     assert acc.in_flight == 0 and acc.idle.is_set()
@@ -172,7 +173,7 @@ async def test_a_cancelled_request_counts_as_499_and_frees_its_slot():
     acc = accounting(metrics)
 
     async def held():
-        with acc.track("c"):
+        with acc.track("c", "classify"):
             await asyncio.sleep(10)
 
     task = asyncio.create_task(held())
@@ -185,10 +186,13 @@ async def test_a_cancelled_request_counts_as_499_and_frees_its_slot():
 
 async def test_admission_refuses_when_not_ready_or_full_without_taking_a_slot():
     metrics = Metrics()
-    with pytest.raises(NotReady, match="draining"), accounting(metrics, "the server is draining").track("d"):
+    with (
+        pytest.raises(NotReady, match="draining"),
+        accounting(metrics, "the server is draining").track("d", "classify"),
+    ):
         pass
     acc = accounting(metrics, max_in_flight=1)
-    with acc.track("e"), pytest.raises(Overloaded) as full, acc.track("f"):
+    with acc.track("e", "classify"), pytest.raises(Overloaded) as full, acc.track("f", "classify"):
         pass
     assert full.value.retry_after_s == 3.0 and acc.in_flight == 0
     assert counted(metrics, "503") == 2

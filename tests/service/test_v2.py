@@ -52,7 +52,8 @@ def infer(client, model: str, x: np.ndarray, binary: bool = True, **parameters):
 def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
     meta = client.get_model_metadata("tiny")
-    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]},
+                              {"name": "image", "datatype": "BYTES", "shape": [-1, 1]}]  # fmt: skip
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]
     assert client.get_model_metadata("tiny_d2", model_version="1")["versions"] == ["1"]
 
