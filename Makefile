@@ -5,11 +5,14 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus haproxy
+DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus haproxy python3.11 python3.11-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # checkov pins dozens of packages of its own: it lives in its own virtual environment, away from the tests' pins.
 CHECKOV_VENV := .venv-checkov
 CHECKOV := checkov==3.3.30
+# tests/triton_server starts the tritonserver (2.51.0) that nvidia-pytriton's wheel ships on model_repo/; its own
+# venv, made with Debian's /usr/bin/python3.11 (the backend stub links the system libpython).
+PYTRITON_VENV := .venv-pytriton
 
 .PHONY: serve test lint format train export bench gpu-check clean debian-packages
 
@@ -30,6 +33,10 @@ $(CHECKOV_VENV)/bin/checkov:
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(CHECKOV)
 
+$(PYTRITON_VENV): scripts/pytriton-venv.sh | debian-packages
+	bash scripts/pytriton-venv.sh $@
+	touch $@
+
 debian-packages:
 	@missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -39,7 +46,7 @@ debian-packages:
 serve: $(VENV)/.serve
 	$(BIN)/srvit serve --repo model_repo --host 127.0.0.1 --port 8000
 
-test: $(VENV)/.test $(CHECKOV_VENV)/bin/checkov debian-packages lint
+test: $(VENV)/.test $(CHECKOV_VENV)/bin/checkov $(PYTRITON_VENV) debian-packages lint
 	ONLY_GPU_SKIPS=1 $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.test
@@ -66,4 +73,4 @@ gpu-check:
 	bash scripts/gpu-check.sh
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .venv-gpu .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(PYTRITON_VENV) .venv-gpu .pytest_cache .ruff_cache

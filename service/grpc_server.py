@@ -236,9 +236,13 @@ class GrpcFrontEnd:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(svc), self.server)
         self.health = Health(svc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen for gRPC on {s.host}:{s.grpc_port}: the port is in use or not allowed")
+        try:
+            self.port = self.server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+        except RuntimeError as e:  # grpc's "Failed to bind"
+            raise OSError(
+                f"cannot listen for gRPC on {s.host}:{s.grpc_port}: the port is in use or not allowed "
+                "(--grpc-port, or 0 for no gRPC)"
+            ) from e
         self._refresher = None
 
     async def start(self) -> None:

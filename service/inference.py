@@ -141,6 +141,8 @@ class InferenceCore:
         ctx.model = served.name
         requested = request.depth if request.depth is not None else served.default_depth
         check_depth(served.model, requested)
+        if requested != "auto":
+            ctx.depth = requested  # known now: a request that fails while decoding is counted at its depth
         deadline = None if request.timeout_s is None else ctx.received_at + request.timeout_s
         tensors, decode_s = await self.tensors(served, request.images)
         spent_ms = self._since(ctx.received_at)

@@ -285,7 +285,7 @@ async def test_metrics_move_and_parse(serving):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert _value(families, "srvit_requests_total", model="tiny", depth="3", status="200") == 2
     assert _value(families, "srvit_requests_total", model="", depth="", status="422") == 1  # refused before
-    assert _value(families, "srvit_requests_total", model="tiny", depth="", status="400") == 1
+    assert _value(families, "srvit_requests_total", model="tiny", depth="1", status="400") == 1
     assert _value(families, "srvit_request_duration_seconds_count", model="tiny", depth="3") == 2
     for name in ("srvit_queue_wait_seconds_count", "srvit_inference_duration_seconds_count",
                  "srvit_preprocess_duration_seconds_count", "srvit_batch_size_images_count"):  # fmt: skip

@@ -374,3 +374,32 @@ async def test_split_request_fails_whole_when_one_chunk_fails_and_withdraws_the_
         await asyncio.sleep(0)
         assert b.queue_images(A) == 0  # the chunks still queued were withdrawn, not run
     assert [len(batch) for _, batch in device.batches] == [8]
+
+
+@run
+async def test_a_yielding_request_lets_later_work_go_first_but_only_for_its_yield():
+    """Priority levels: level 2 yields 0.2 s. Queued behind a busy device, the level-1 requests that arrive
+    within 0.2 s after it run first; one that arrives later than that runs after it, so it never starves."""
+    device = Device(hold=True)
+    async with batcher(device, max_batch_size=1, max_queue_delay_ms=0) as b:
+        blocker = await hold_device(b, device)
+        low = b.submit(A, images(1), yield_s=0.2)
+        high = [b.submit(A, images(i)) for i in (2, 3)]
+        await asyncio.sleep(0.3)  # past the low request's yield
+        late = b.submit(A, images(4))
+        device.gate.set()
+        await asyncio.gather(blocker, low, late, *high)
+    assert device.seen() == [99, 2, 3, 1, 4]
+
+
+@run
+async def test_yields_reorder_the_queue_but_the_batch_window_counts_from_the_oldest_arrival():
+    device = Device()
+    async with batcher(device, max_batch_size=8, max_queue_delay_ms=100) as b:
+        t0 = time.monotonic()
+        first = b.submit(A, images(1), yield_s=5.0)  # queued as if it arrived 5 s later
+        await asyncio.sleep(0.05)
+        second = b.submit(A, images(2))
+        await asyncio.gather(first, second)
+        waited = time.monotonic() - t0
+    assert device.batches == [(A, [2, 1])] and 0.09 <= waited < 1.0

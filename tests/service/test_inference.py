@@ -14,7 +14,7 @@ from service.autodepth import AutoDepth, Policy
 from service.device import row_dtype
 from service.errors import ClientClosedRequest, InvalidParameter, NotReady, Overloaded
 from service.forecast import Forecaster
-from service.inference import InferenceCore, InferRequest, RequestContext, ServedModel
+from service.inference import InferenceCore, InferRequest, PriorityPolicy, RequestContext, ServedModel
 from service.loading import make_preprocessor
 from service.metrics import Metrics
 from service.profile import LatencyProfile
@@ -196,3 +196,9 @@ async def test_admission_refuses_when_not_ready_or_full_without_taking_a_slot():
         pass
     assert full.value.retry_after_s == 3.0 and acc.in_flight == 0
     assert counted(metrics, "503") == 2
+
+
+def test_priority_levels_follow_triton_none_zero_and_beyond_the_levels_are_the_default():
+    policy = PriorityPolicy(levels=3, default_level=2, step_s=0.1)
+    assert [policy.level(p) for p in (None, 1, 2, 3, 4, 99)] == [2, 1, 2, 3, 2, 2]
+    assert [policy.yield_s(p) for p in (1, None, 3)] == pytest.approx([0.0, 0.1, 0.2])
