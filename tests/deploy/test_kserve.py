@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import numpy as np
+import tritonclient.grpc
 import pytest
 import yaml
 from containerfiles import FAST_START, check_settings, image_user, serve, with_option
@@ -20,6 +21,7 @@ from service.cli import GRACEFUL_CLOSE_S
 
 CRD = ROOT / "deploy" / "kserve" / "crd" / "serving.kserve.io_inferenceservices.yaml.gz"
 KSERVE_HTTP_PORT = 8080  # KServe routes a predictor's HTTP traffic here (its InferenceServiceDefaultHttpPort)
+KSERVE_GRPC_PORT = 8081  # and gRPC here (InferenceServiceDefaultGrpcPort)
 
 
 def strict(schema: dict) -> dict:
@@ -84,7 +86,8 @@ def test_predictor_speaks_on_kserves_port_as_a_locked_down_non_root_user():
     predictor, c = doc["spec"]["predictor"], predictor_container(doc)
     command = c["command"]
     assert command[:2] == ["srvit", "serve"] and command[command.index("--port") + 1] == str(KSERVE_HTTP_PORT)
-    assert [p["containerPort"] for p in c["ports"]] == [KSERVE_HTTP_PORT]
+    assert [p["containerPort"] for p in c["ports"]] == [KSERVE_HTTP_PORT]  # the one port KServe routes
+    assert check_settings(env(c)).grpc_port == KSERVE_GRPC_PORT
     annotations = doc["metadata"]["annotations"]
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
     assert (annotations["prometheus.kserve.io/port"], annotations["prometheus.kserve.io/path"]) == ("8080", "/metrics")
@@ -100,10 +103,11 @@ def test_predictor_speaks_on_kserves_port_as_a_locked_down_non_root_user():
 def predictor(tiny_repo, tmp_path_factory):
     """kserve-container's own command and settings, moved to loopback and a free port."""
     c = predictor_container(isvc())
-    port = servers.free_port()
+    port, grpc_port = servers.free_port(), servers.free_port()
     argv = with_option(with_option(c["command"], "--host", "127.0.0.1"), "--port", str(port))
-    variables = env(c) | FAST_START | {"SRVIT_REPO": str(tiny_repo)}
+    variables = env(c) | FAST_START | {"SRVIT_REPO": str(tiny_repo), "SRVIT_GRPC_PORT": str(grpc_port)}
     server = serve(argv, variables, Path(tmp_path_factory.mktemp("kserve")) / "serve.log", port)
+    server.grpc_url = f"127.0.0.1:{grpc_port}"
     yield server, c
     servers.stop(server.process)
 
@@ -120,7 +124,8 @@ def test_predictor_answers_its_probes_and_v2_and_exports_metrics(predictor):
     name = model["name"]
     assert httpx.get(f"{server.url}/v2/models/{name}/ready", timeout=5).json() == {"name": name, "ready": True}
     metadata = httpx.get(f"{server.url}/v2/models/{name}", timeout=5).json()
-    (tensor,) = metadata["inputs"]
+    tensor, encoded = metadata["inputs"]
+    assert (tensor["datatype"], encoded["datatype"]) == ("FP32", "BYTES")
     n, *chw = tensor["shape"]
     body = {"inputs": [{"name": tensor["name"], "datatype": "FP32", "shape": [1, *chw],
                         "data": [0.5] * int(np.prod(chw))}]}  # fmt: skip
@@ -129,3 +134,5 @@ def test_predictor_answers_its_probes_and_v2_and_exports_metrics(predictor):
     assert answer.json()["outputs"][0]["shape"][0] == 1
     metrics = httpx.get(server.url + "/metrics", timeout=5)
     assert metrics.status_code == 200 and "srvit_ready 1.0" in metrics.text
+    grpc_client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+    assert grpc_client.is_server_ready() and grpc_client.is_model_ready(name)

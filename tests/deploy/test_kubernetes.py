@@ -94,13 +94,17 @@ def test_container_runs_the_images_command_with_real_settings(overlay):
     assert "command" not in c and "args" not in c  # the image's CMD: srvit serve on 0.0.0.0:8000, PID 1
     cmd = dockerfile_cmd(DOCKERFILES[name])
     port = cmd[cmd.index("--port") + 1]
-    (http,) = c["ports"]
+    settings = check_settings(env(c))
+    http, grpc = c["ports"]
     assert (http["name"], str(http["containerPort"])) == ("http", port)
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", settings.grpc_port) and settings.grpc_port
     annotations = objs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (port, "/metrics")
-    (service_port,) = objs["Service"]["spec"]["ports"]
-    assert service_port["targetPort"] == "http"
-    check_settings(env(c))
+    service_ports = objs["Service"]["spec"]["ports"]
+    assert [(p["name"], p["targetPort"]) for p in service_ports] == [("http", "http"), ("grpc", "grpc")]
+    assert service_ports[1]["appProtocol"] == "kubernetes.io/h2c"
+    policy_ports = objs["NetworkPolicy"]["spec"]["ingress"][0]["ports"]
+    assert [p["port"] for p in policy_ports] == ["http", "grpc"]
 
 
 def test_grace_period_outlasts_the_shutdown_delay_and_the_drain(overlay):

@@ -65,7 +65,8 @@ def test_image_runs_srvit_serve_as_a_non_root_pid_1_on_port_8000(dockerfile):
     stage = final_stage(dockerfile)
     users = [args for keyword, args in stage if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root")
-    assert ("EXPOSE", args.port) in stage
+    exposed = [port for keyword, ports in stage if keyword == "EXPOSE" for port in ports.split()]
+    assert exposed == [args.port, str(Settings().grpc_port)]  # HTTP, and gRPC on its default port
 
 
 @pytest.mark.parametrize("dockerfile", IMAGES.values(), ids=IMAGES.keys())
