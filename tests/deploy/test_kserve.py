@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import jsonschema
 import numpy as np
-import tritonclient.grpc
 import pytest
+import tritonclient.grpc
 import yaml
 from containerfiles import FAST_START, check_settings, image_user, serve, with_option
 from manifests import KSERVE, ROOT, container, env, probes

@@ -342,6 +342,39 @@ def test_compressed_v2_bodies_are_inflated_and_a_bomb_is_413(server, http_client
     assert other.status_code == 415
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_grpc_message_compression_is_understood(grpc_client, algorithm):
+    plain = grpc_client.infer("tiny_d2", [encoded(tgrpc, IMAGES)])
+    packed = grpc_client.infer("tiny_d2", [encoded(tgrpc, IMAGES)], compression_algorithm=algorithm)
+    np.testing.assert_array_equal(packed.as_numpy("logits"), plain.as_numpy("logits"))
+
+
+def test_sigterm_lets_a_queued_grpc_call_finish_and_refuses_new_ones_while_draining(tiny_repo, tmp_path):
+    """Shutdown delay 0: SIGTERM drains at once. A call already queued (300 ms batch window) is answered; one
+    sent during the drain gets UNAVAILABLE; the server exits 0."""
+    proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--max-queue-delay-ms", "300").wait_ready()
+
+    async def drain():
+        async with tgrpc_aio.InferenceServerClient(proc.grpc_url) as c:
+            queued = asyncio.ensure_future(c.infer("tiny", [encoded(tgrpc, IMAGES[:1])]))
+            await asyncio.sleep(0.1)
+            proc.terminate()
+            await asyncio.sleep(0.05)
+            try:
+                await c.infer("tiny", [encoded(tgrpc, IMAGES[:1])])
+                late = "served"
+            except InferenceServerException as e:
+                late = e.status()
+            return await queued, late
+
+    try:
+        answered, late = asyncio.run(drain())
+    finally:
+        code = proc.proc.wait(timeout=30)
+    assert answered.as_numpy("logits").shape == (1, 3)
+    assert late == "StatusCode.UNAVAILABLE" and code == 0
+
+
 def test_a_taken_grpc_port_stops_start_up_with_a_message(tiny_repo, tmp_path, server):
     proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--grpc-port", str(server.grpc_port))
     assert proc.proc.wait(timeout=60) == 2

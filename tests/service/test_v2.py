@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
+from sample_images import png
 from server_process import ServerProcess
 from tritonclient.utils import InferenceServerException
 
@@ -183,3 +184,44 @@ async def test_a_header_length_that_is_not_ascii_digits_is_a_400(serving, length
     async with serving() as (_, client):
         r = await client.post("/v2/models/tiny/infer", **request)
     assert (r.status_code, r.json()["code"]) == BAD, r.text
+
+
+def bytes_request(raw: bytes, shape: list[int], **tensor) -> dict:
+    """A BYTES `image` input of `raw` (Triton's length-prefixed elements) with the binary tensor extension."""
+    entry = {"name": "image", "shape": shape, "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
+    header = json.dumps({"inputs": [entry | tensor]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    return {"content": header + raw, "headers": headers}
+
+
+def prefixed(*files: bytes) -> bytes:
+    return b"".join(len(f).to_bytes(4, "little") + f for f in files)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("raw", "shape", "tensor", "expected"),
+    [
+        (prefixed(png())[:-3], [1], {}, (400, "bad_request")),  # an element shorter than its prefix says
+        (prefixed(png())[:2], [1], {}, (400, "bad_request")),  # a cut length prefix
+        (prefixed(png(), png()), [1], {}, (400, "bad_request")),  # two elements for shape [1]
+        (prefixed(png(), b"GIF89a junk"), [2, 1], {}, (400, "invalid_image")),  # one bad element fails the request
+        (prefixed(png()), [1, 2], {}, (422, "invalid_parameter")),
+        (prefixed(*[png()] * 17), [17], {}, (422, "invalid_parameter")),  # over max_images_per_request
+        (prefixed(png()), [1], {"datatype": "FP32"}, (422, "invalid_parameter")),
+    ],
+)
+async def test_malformed_bytes_inputs_are_client_errors_and_the_server_goes_on(serving, raw, shape, tensor, expected):
+    async with serving() as (_, client):
+        bad = await client.post("/v2/models/tiny/infer", **bytes_request(raw, shape, **tensor))
+        good = await client.post("/v2/models/tiny/infer", **bytes_request(prefixed(png(), png()), [2, 1]))
+    assert (bad.status_code, bad.json()["code"]) == expected, bad.text
+    assert good.status_code == 200 and good.json()["outputs"][0]["shape"] == [2, 3]
+
+
+@pytest.mark.anyio
+async def test_bytes_in_json_are_refused_with_the_way_to_send_them(serving):
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not a file"]}]}
+    async with serving() as (_, client):
+        answer = await client.post("/v2/models/tiny/infer", json=body)
+    assert answer.status_code == 400 and "binary_data=True" in answer.json()["error"]
