@@ -121,7 +121,7 @@ def test_serving_needs_nothing_the_image_lacks():
     packages unimportable (run in a fresh interpreter, so this process's imports do not hide anything)."""
     code = """
 import sys
-ABSENT = {"torch", "onnxscript", "safetensors", "srvit", "export", "bench", "httpx", "aiohttp", "rich", "tritonclient"}
+ABSENT = {"torch", "onnxscript", "safetensors", "srvit", "export", "bench", "httpx", "aiohttp", "rich"}
 class NotInImage:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ABSENT:
