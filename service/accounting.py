@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import uuid
 from collections.abc import Callable, Iterator
 
 from service.errors import ClientClosedRequest, NotReady, Overloaded, ServiceError
 from service.inference import RequestContext
 from service.metrics import NONE, Metrics
 from service.statistics import Statistics
+
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # safe to echo in a header and to write to a log
+
+
+def request_id(client_id: str | None) -> str:
+    """The client's own request id when it is sane, else a fresh one: for every protocol's log lines."""
+    return client_id if client_id and SANE_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
 
 
 class Accounting:

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from service import health, oip
+from service.accounting import request_id
 from service.errors import InvalidParameter, ModelControlDisabled, Overloaded, ServiceError
 from service.lifecycle import Service
 
@@ -156,7 +157,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         svc = self.svc
-        with svc.accounting.track(request.id or context.peer(), "v2_grpc") as ctx:
+        with svc.accounting.track(request_id(request.id), "v2_grpc") as ctx:
             served, fixed_depth = oip.resolve(svc.served, request.model_name, request.model_version)
             ctx.model = served.name
             images = await svc.core.offload(
