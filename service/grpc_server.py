@@ -68,7 +68,8 @@ def _whole_s(seconds: float) -> int:
 
 
 def rpc(method):
-    """A ServiceError raised by the method becomes the call's status, never an unhandled exception."""
+    """A ServiceError raised by the method becomes the call's status; anything else is logged and answered
+    INTERNAL, never with a traceback (as HTTP's 500)."""
 
     @functools.wraps(method)
     async def call(self, request, context: grpc.aio.ServicerContext):
@@ -78,6 +79,9 @@ def rpc(method):
             if error.status == 500:
                 log.error("gRPC %s: %s", method.__name__, error.message)
             await context.abort_with_status(status_of(error))
+        except Exception:
+            log.exception("unhandled error in gRPC %s", method.__name__)
+            await context.abort(Code.INTERNAL, "internal error; it was logged: retry, or report the request id")
 
     return call
 

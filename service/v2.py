@@ -51,6 +51,13 @@ def resolve(svc: Service, name: str, version: str | None = None) -> tuple[Served
     return oip.resolve(svc.served, name, version)
 
 
+def described(request: Request, name: str, version: str | None) -> tuple[Service, ServedModel]:
+    """The service and the named model, while models can be described (serving or draining)."""
+    svc = service(request)
+    health.check_described(svc)
+    return svc, resolve(svc, name, version)[0]
+
+
 # Declared before /models/{name}: "stats" is not a model name.
 @router.get("/models/stats", summary="Statistics of every model and depth folder (statistics extension)")
 async def all_statistics(request: Request) -> dict:
@@ -62,9 +69,7 @@ async def all_statistics(request: Request) -> dict:
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata")
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    svc = service(request)
-    health.check_described(svc)
-    served, _ = resolve(svc, name, version)
+    _, served = described(request, name, version)
     return oip.metadata(served, name)
 
 
@@ -80,18 +85,14 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.get("/models/{name}/config", summary="Model configuration, as Triton reads config.pbtxt")
 @router.get("/models/{name}/versions/{version}/config", summary="Model configuration, as Triton reads config.pbtxt")
 async def model_config(request: Request, name: str, version: str | None = None) -> dict:
-    svc = service(request)
-    health.check_described(svc)
-    served, _ = resolve(svc, name, version)
+    _, served = described(request, name, version)
     return oip.config_json(oip.model_config(served, name))
 
 
 @router.get("/models/{name}/stats", summary="Statistics (statistics extension)")
 @router.get("/models/{name}/versions/{version}/stats", summary="Statistics (statistics extension)")
 async def model_statistics(request: Request, name: str, version: str | None = None) -> dict:
-    svc = service(request)
-    health.check_described(svc)
-    served, _ = resolve(svc, name, version)
+    svc, served = described(request, name, version)
     return {"model_stats": [oip.statistics(svc.statistics, served, name)]}
 
 
