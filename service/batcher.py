@@ -39,6 +39,9 @@ class Observer:
     def on_batch(self, key: Key, size: int, queue_wait_s: Sequence[float], run_s: float) -> None:
         """Every batch that ran, failed or not: images in it, each request's wait, time in run_batch."""
 
+    def on_delivered(self, key: Key, size: int, run_s: float) -> None:
+        """A batch whose rows reached its callers (before on_batch, which also sees failed batches)."""
+
     def on_error(self, key: Key, size: int, error: ServiceError) -> None:
         """A batch whose run_batch raised; every request in it got `error`."""
 
@@ -78,7 +81,8 @@ class Batcher:
       `yield_s` after it go first (how priority levels are served): it is queued as if it had arrived
       `yield_s` later, so it is delayed by at most that much, never starved.
     - The executor picks, among keys with a closed batch, the one whose batch holds the earliest deadline.
-      A request without a deadline ranks as if due `default_budget_s` after it arrived: among themselves
+      A request without a deadline ranks as if due `default_budget_s` after it arrived (after its yield,
+      below, when it has one): among themselves
       such requests go by arrival, and under sustained deadline traffic they still age into service. A
       deadline later than that ranks the same way, so a generous timeout is never served after none.
     - Deadlines are absolute times on the event loop's clock (`loop.time()`, which is `time.monotonic()`
@@ -319,6 +323,7 @@ class Batcher:
         try:
             outputs = await self._call(key, batch, size)
             _deliver(batch, outputs)
+            self._notify("on_delivered", key, size, loop.time() - started)
         except asyncio.CancelledError:
             _fail(batch, NotReady("the server stopped before this request finished: retry"))
             raise

@@ -81,6 +81,10 @@ def compression(headers: Headers) -> str | None:
     return encoding
 
 
+def _trailing() -> BadRequest:
+    return BadRequest("the compressed body has data after its compressed stream: send one gzip or zlib stream")
+
+
 class Inflater:
     """Inflates chunk by chunk, never producing more than `max_bytes` in all: a 1 KiB body that would inflate
     to 1 GiB stops at the limit (413), holding at most the limit in memory."""
@@ -91,6 +95,8 @@ class Inflater:
 
     def __call__(self, chunk: bytes) -> list[bytes]:
         pieces = []
+        if chunk and self._z.eof:
+            raise _trailing()
         try:
             while chunk and not self._z.eof:
                 piece = self._z.decompress(chunk, self.max_bytes - self.size + 1)
@@ -106,6 +112,8 @@ class Inflater:
     def finish(self) -> None:
         if not self._z.eof:
             raise BadRequest("the compressed body ends before its compressed stream does")
+        if self._z.unused_data:
+            raise _trailing()
 
 
 async def receive(request: Request, max_bytes: int, timeout_s: float, encoding: str | None = None) -> bytes:

@@ -25,13 +25,14 @@ from tritonclient.grpc import service_pb2_grpc
 
 from service import health, oip
 from service.accounting import request_id
-from service.errors import InvalidParameter, ModelControlDisabled, Overloaded, ServiceError
+from service.errors import BadRequest, InvalidParameter, ModelControlDisabled, Overloaded, ServiceError
 from service.lifecycle import Service
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 HEALTH_REFRESH_S = 0.5  # how often Watch streams see the server's state
+HEALTH_CALLS = 8  # concurrent calls beyond max_in_flight, so probes and metadata are answered under load
 # The contract's statuses as gRPC codes; 503 splits by cause (overloaded: RESOURCE_EXHAUSTED with RetryInfo).
 Code = grpc.StatusCode
 CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED, 404: Code.NOT_FOUND, 408: Code.DEADLINE_EXCEEDED,
@@ -111,8 +112,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelReady(self, request, context):
+        if not health.is_ready(self.svc):  # as HTTP: readiness first, the name only once models are loaded
+            return pb.ModelReadyResponse(ready=False)
         oip.resolve(self.svc.served, request.name, request.version)
-        return pb.ModelReadyResponse(ready=health.is_ready(self.svc))
+        return pb.ModelReadyResponse(ready=True)
 
     @rpc
     async def ServerMetadata(self, request, context):
@@ -160,16 +163,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        svc = self.svc
+        svc, deadline_s = self.svc, context.time_remaining()  # from now, as the request's clock starts now
         with svc.accounting.track(request_id(request.id), "v2_grpc") as ctx:
             served, fixed_depth = oip.resolve(svc.served, request.model_name, request.model_version)
-            ctx.model = served.name
-            images = await svc.core.offload(
-                oip.images_of, input_tensors(request), served, svc.settings.max_images_per_request
-            )
+            ctx.model, ctx.depth = served.name, fixed_depth  # a folder name's depth counts its failures too
+            check_counts(request)
             wanted = oip.requested_outputs(requested_outputs(request), served)
+            images = await svc.core.offload(request_images, request, served, svc.settings.max_images_per_request)
             infer = oip.infer_request(ctx, parameters(request.parameters), images, served, fixed_depth,
-                                      deadline_s=context.time_remaining())  # fmt: skip
+                                      deadline_s=deadline_s)  # fmt: skip
             result = await svc.core.infer(infer)
             outputs = oip.outputs(result, wanted, served.model.labels)
             response = pb.ModelInferResponse(model_name=request.model_name, model_version=result.model_version,
@@ -181,17 +183,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             return response
 
 
-def input_tensors(request: pb.ModelInferRequest) -> list[oip.InputTensor]:
-    """Inputs as raw_input_contents (what tritonclient sends) or as typed contents."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidParameter(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents: send one per input")
-    tensors = []
-    for i, tensor in enumerate(request.inputs):
-        elements = tensor.contents.bytes_contents if tensor.datatype == "BYTES" else tensor.contents.fp32_contents
-        tensors.append(oip.InputTensor(tensor.name, tensor.datatype, list(tensor.shape), raw[i] if raw else None,
-                                       list(elements)))  # fmt: skip
-    return tensors
+def check_counts(request: pb.ModelInferRequest) -> None:
+    """One input and at most one output, before anything is unpacked: a 16 MiB message of empty entries
+    must not cost the event loop millions of iterations."""
+    if len(request.inputs) != 1 or len(request.raw_input_contents) > 1:
+        raise BadRequest(f"send exactly one input ('images' FP32 or 'image' BYTES); got {len(request.inputs)} "
+                         f"inputs and {len(request.raw_input_contents)} raw_input_contents")  # fmt: skip
+    if len(request.outputs) > 1:
+        raise InvalidParameter(f"this model has one output; {len(request.outputs)} were requested")
+
+
+def request_images(request: pb.ModelInferRequest, served, max_images: int):
+    """The one input as raw_input_contents (what tritonclient sends) or typed contents, then oip.images_of;
+    runs in the decoding pool, since 4M typed floats take a while."""
+    (tensor,) = request.inputs
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    elements = tensor.contents.bytes_contents if tensor.datatype == "BYTES" else tensor.contents.fp32_contents
+    typed = oip.InputTensor(tensor.name, tensor.datatype, list(tensor.shape), raw, None if raw else elements)
+    return oip.images_of([typed], served, max_images)
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> dict[str, dict]:
@@ -234,10 +243,12 @@ class GrpcFrontEnd:
     def __init__(self, svc: Service):
         self.svc = svc
         s = svc.settings
+        # Calls beyond max_in_flight (and a few for health checks) are refused by grpc (RESOURCE_EXHAUSTED) before
+        # their messages are read, so a flood of 16 MiB calls cannot pile up in memory ahead of admission.
         options = [("grpc.max_receive_message_length", s.max_body_bytes),
                    ("grpc.max_send_message_length", s.max_body_bytes),
                    ("grpc.so_reuseport", 0)]  # a port in use fails to bind instead of being shared  # fmt: skip
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_in_flight + HEALTH_CALLS)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(svc), self.server)
         self.health = Health(svc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

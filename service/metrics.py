@@ -89,9 +89,11 @@ class BatchMetrics(Observer):
     def __init__(self, metrics: Metrics, statistics: Statistics | None = None):
         self.m, self.statistics = metrics, statistics
 
-    def on_batch(self, key: Key, size: int, queue_wait_s: Sequence[float], run_s: float) -> None:
-        if self.statistics is not None:
+    def on_delivered(self, key: Key, size: int, run_s: float) -> None:
+        if self.statistics is not None:  # Triton counts the executions that succeeded
             self.statistics.batch(*key, size, run_s)
+
+    def on_batch(self, key: Key, size: int, queue_wait_s: Sequence[float], run_s: float) -> None:
         labels = _md(key)
         self.m.batch_size.labels(*labels).observe(size)
         self.m.images.labels(*labels).inc(size)

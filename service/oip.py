@@ -19,6 +19,7 @@ from google.protobuf import json_format, text_format
 from pydantic import TypeAdapter, ValidationError
 from tritonclient.grpc import model_config_pb2
 
+from modelrepo.manifest import CONFIG_FILE
 from service.errors import BadRequest, InvalidParameter, ModelNotFound
 from service.inference import Depth, InferRequest, InferResult, RequestContext, ServedModel
 from service.statistics import Statistics
@@ -31,7 +32,6 @@ US_PER_S = 1_000_000
 MAX_TIMEOUT_US = 3600 * US_PER_S  # an hour: longer is a mistake, and huge integers would overflow float math
 LENGTH = struct.Struct("<I")  # Triton's BYTES element prefix: 4-byte little-endian length
 DEPTH = TypeAdapter(Depth)
-CONFIG_FILE = "config.pbtxt"
 MODEL_CONTROL_OFF = ("model control is off: the repository is fixed when the server starts; deploy a new "
                      "model_repo/ and restart (or roll out) the server")  # fmt: skip
 
@@ -78,7 +78,8 @@ def model_config(served: ServedModel, name: str) -> model_config_pb2.ModelConfig
     depth = served.model.depth_named(name)
     if depth is None:
         depth = served.default_depth if isinstance(served.default_depth, int) else served.model.depths[-1]
-    folder = served.model.artifacts[depth][0].folder
+    artifacts = served.model.artifacts[depth]
+    folder = next((a.folder for a in artifacts if a.manifest.triton_name == name), artifacts[0].folder)
     config = text_format.Parse((folder / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
     config.name = name
     return config
@@ -94,14 +95,14 @@ def config_json(config: model_config_pb2.ModelConfig) -> dict:
     every scalar field present (defaults too), and int64 sizes as numbers."""
     data = json_format.MessageToDict(config, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)  # fmt: skip
-    return _numbers(data)
+    return _int64_numbers(data)
 
 
-def _numbers(value, key: str | None = None):
+def _int64_numbers(value, key: str | None = None):
     if isinstance(value, dict):
-        return {k: _numbers(v, k) for k, v in value.items()}
+        return {k: _int64_numbers(v, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [_numbers(v, key) for v in value]
+        return [_int64_numbers(v, key) for v in value]
     if key in INT64_FIELDS and isinstance(value, str):
         return int(value)
     return value
@@ -167,14 +168,21 @@ def fp32_images(tensor: InputTensor, served: ServedModel) -> np.ndarray:
         raise InvalidParameter(f"input {expected.name!r} must have shape {list(expected.shape)}, got {shape}")
     try:
         with np.errstate(over="ignore"):  # a number beyond float32 becomes infinity, refused below
-            raw = tensor.raw
-            data = np.frombuffer(raw, "<f4") if raw is not None else np.asarray(tensor.elements, np.float32)
+            data = np.frombuffer(tensor.raw, "<f4") if tensor.raw is not None else _float_elements(tensor.elements)
         data = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
     except (ValueError, TypeError, OverflowError) as e:
         raise BadRequest(f"input data does not fill shape {shape} ({e})") from e
     if not np.isfinite(data).all():  # inf or NaN would come back as NaN logits, which JSON cannot carry
         raise BadRequest("input data must be finite numbers (no NaN or infinity)")
     return data
+
+
+def _float_elements(elements) -> np.ndarray:
+    """JSON or typed elements as float32; strings, booleans and objects are refused, not converted."""
+    data = np.asarray(elements)
+    if data.dtype.kind not in "iuf":
+        raise BadRequest(f"input data must be numbers, got elements of numpy kind {data.dtype.kind!r}")
+    return data.astype(np.float32)
 
 
 def encoded_images(tensor: InputTensor, max_images: int) -> list[bytes]:
@@ -186,16 +194,17 @@ def encoded_images(tensor: InputTensor, max_images: int) -> list[bytes]:
     n = shape[0]
     if not 1 <= n <= max_images:
         raise InvalidParameter(f"input {BYTES_INPUT!r} holds {n} images; send 1 to {max_images} per request")
-    files = split_bytes(tensor.raw) if tensor.raw is not None else list(tensor.elements or ())
+    files = split_bytes(tensor.raw, n) if tensor.raw is not None else list(tensor.elements or ())
     if len(files) != n or not all(isinstance(f, bytes) for f in files):
         raise BadRequest(f"input {BYTES_INPUT!r} has shape {shape} but carries {len(files)} byte strings")
     return files
 
 
-def split_bytes(raw: bytes) -> list[bytes]:
-    """Triton's BYTES serialization: each element is a 4-byte little-endian length, then that many bytes."""
+def split_bytes(raw: bytes, most: int) -> list[bytes]:
+    """Triton's BYTES serialization: each element is a 4-byte little-endian length, then that many bytes.
+    Stops once there are more than `most` (the shape's count), so 16 MiB of empty elements costs nothing."""
     elements, at = [], 0
-    while at < len(raw):
+    while at < len(raw) and len(elements) <= most:
         if at + LENGTH.size > len(raw):
             raise BadRequest("BYTES data ends inside an element's 4-byte length prefix")
         (size,) = LENGTH.unpack_from(raw, at)
@@ -255,7 +264,7 @@ def priority_param(value) -> int | None:
 
 def depth_param(value) -> Depth:
     try:
-        return DEPTH.validate_python(value)
+        return DEPTH.validate_python(value, strict=True)  # 2 or "auto"; not true, "2" or 2.0
     except ValidationError:
         raise InvalidParameter(f"parameter depth must be an integer or 'auto', got {value!r}") from None
 

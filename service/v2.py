@@ -27,7 +27,6 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REPOSITORY_BODY_BYTES = 4096  # {"repository_name": ..., "ready": true}
-MODEL_CONTROL_OFF = oip.MODEL_CONTROL_OFF
 
 
 @router.get("", summary="Server metadata")
@@ -102,6 +101,8 @@ async def repository_index(request: Request) -> list[dict]:
     health.check_described(svc)
     body = await receive(request, REPOSITORY_BODY_BYTES, svc.settings.body_timeout_s)
     ready_only = _object(parse_json(body) if body.strip() else None, "the index request").get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise BadRequest(f'"ready" must be true or false, got {ready_only!r}')
     ready = health.is_ready(svc)
     return [] if ready_only and not ready else oip.repository_index(svc.served, ready)
 
@@ -109,7 +110,7 @@ async def repository_index(request: Request) -> list[dict]:
 @router.post("/repository/models/{name}/load", summary="Refused: the repository is fixed at start-up")
 @router.post("/repository/models/{name}/unload", summary="Refused: the repository is fixed at start-up")
 async def model_control(name: str) -> None:
-    raise ModelControlDisabled(MODEL_CONTROL_OFF)
+    raise ModelControlDisabled(oip.MODEL_CONTROL_OFF)
 
 
 INFER_SUMMARY = "Inference on images: FP32 tensor `images` [n, C, H, W] or BYTES `image` (encoded files)"
@@ -121,7 +122,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     svc, rid = service(request), request_id(request)
     with svc.accounting.track(rid, "v2_http") as ctx:
         served, fixed_depth = resolve(svc, name, version)
-        ctx.model = served.name
+        ctx.model, ctx.depth = served.name, fixed_depth  # a folder name's depth counts its failures too
         split = json_length(request.headers)
         body = await receive_infer(request, svc.settings, split)
         # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks

@@ -243,6 +243,12 @@ def test_a_grpc_and_an_http_request_share_one_batch(tiny_repo, tmp_path):
         (lambda c: c.infer("tiny", [encoded(tgrpc, IMAGES[:1])], timeout=-1), "INVALID_ARGUMENT"),
         (lambda c: c.infer("tiny", [encoded(tgrpc, [BIG] * 5)]), "RESOURCE_EXHAUSTED"),  # over max_body_bytes
         (lambda c: c.get_model_config("nope"), "NOT_FOUND"),
+        (lambda c: c.infer("tiny", [encoded(tgrpc, IMAGES[:1])], parameters={"depth": True}), "INVALID_ARGUMENT"),
+        (lambda c: c.infer("tiny", [encoded(tgrpc, IMAGES[:1]), encoded(tgrpc, IMAGES[:1])]), "INVALID_ARGUMENT"),
+        (
+            lambda c: c.infer("tiny", [encoded(tgrpc, IMAGES[:1])], outputs=[tgrpc.InferRequestedOutput("x")]),
+            "INVALID_ARGUMENT",
+        ),  # fmt: skip
     ],
 )
 def test_bad_requests_get_the_matching_grpc_code_and_the_server_goes_on(grpc_client, call, code):

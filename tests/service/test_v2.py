@@ -4,6 +4,7 @@ requests in-process."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import threading
 
@@ -124,6 +125,14 @@ BAD, INVALID = (400, "bad_request"), (422, "invalid_parameter")
         (request_body(outputs=[{"name": ["logits"]}]), BAD),
         (request_body(input_data=[10**400] * 64), BAD),  # too big for a float
         (request_body(input_data=[1e40] * 64), BAD),  # infinity as float32: NaN logits, which JSON cannot carry
+        (request_body(input_data=["0.5"] * 64), BAD),  # strings are not numbers
+        (request_body(input_data=[True] * 64), BAD),
+        (request_body(parameters={"depth": True}), INVALID),
+        (request_body(parameters={"depth": "2"}), INVALID),
+        (request_body(parameters={"priority": -1}), INVALID),
+        (request_body(parameters={"priority": "high"}), INVALID),
+        (request_body(outputs=[{"name": "logits", "parameters": {"classification": 0}}]), INVALID),
+        (request_body(outputs=[{"name": "probabilities"}]), INVALID),
     ],
 )
 async def test_malformed_json_is_a_client_error_never_a_500(serving, body, expected):
@@ -225,3 +234,16 @@ async def test_bytes_in_json_are_refused_with_the_way_to_send_them(serving):
     async with serving() as (_, client):
         answer = await client.post("/v2/models/tiny/infer", json=body)
     assert answer.status_code == 400 and "binary_data=True" in answer.json()["error"]
+
+
+@pytest.mark.anyio
+async def test_a_compressed_body_with_data_after_its_stream_is_a_400(serving):
+    body = json.dumps(request_body()).encode()
+    async with serving() as (_, client):
+        answer = await client.post("/v2/models/tiny/infer", content=gzip.compress(body) + b"trailing",
+                                   headers={"Content-Encoding": "gzip"})  # fmt: skip
+        good = await client.post(
+            "/v2/models/tiny/infer", content=gzip.compress(body), headers={"Content-Encoding": "gzip"}
+        )
+    assert answer.status_code == 400 and "after its compressed stream" in answer.json()["error"]
+    assert good.status_code == 200
