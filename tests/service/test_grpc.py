@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
+from pathlib import Path
 
 import grpc
 import httpx
@@ -385,3 +386,26 @@ def test_a_taken_grpc_port_stops_start_up_with_a_message(tiny_repo, tmp_path, se
     proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--grpc-port", str(server.grpc_port))
     assert proc.proc.wait(timeout=60) == 2
     assert "cannot listen for gRPC" in proc.output()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_one_gib_gzip_bomb_is_413_and_the_servers_memory_stays_flat(server):
+    """1 GiB of zeros, about 1 MB gzipped: inflated against the 16 MiB limit chunk by chunk, never whole."""
+    packer, parts = zlib.compressobj(wbits=31), []  # 31: gzip framing
+    zeros = b"\0" * (16 * 1024 * 1024)
+    for _ in range(64):
+        parts.append(packer.compress(zeros))
+    bomb = b"".join(parts) + packer.flush()
+    before = rss_bytes(server.proc.pid)
+    answers = [httpx.post(f"{server.url}/v2/models/tiny/infer", content=bomb, timeout=30,
+                          headers={"Content-Encoding": "gzip"}).status_code for _ in range(3)]  # fmt: skip
+    growth = rss_bytes(server.proc.pid) - before
+    print(f"bomb {len(bomb)} bytes -> 1 GiB; answers {answers}; server RSS growth {growth / 2**20:.1f} MiB")
+    assert len(bomb) < 2_000_000 and answers == [413] * 3
+    assert growth < 48 * 2**20  # at most the 16 MiB limit held at once, plus the compressed body
