@@ -54,6 +54,11 @@ class Forecaster:
             ahead += self.cost_ms(key, self.view.queue_images(key) + extra)
         return ahead
 
+    def queue_wait_ms(self, key: Key, images: int) -> float:
+        """Predicted time a request of `images` for `key`, queued now, waits for the work ahead of it on the
+        device (its own cost taken out). The batch window is not counted: it is a wait the settings chose."""
+        return max(0.0, self.backlog_ms(key, images) - self.cost_ms(key, images))
+
     def _running_left_ms(self) -> float:
         running = self.view.running
         if running is None:

@@ -8,6 +8,7 @@ decoding, batching and latency feedback is decided here, once.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,10 +130,11 @@ class InferenceCore:
 
     def __init__(self, served: dict[str, ServedModel], batcher: Batcher, forecaster: Forecaster,
                  pool: ThreadPoolExecutor, metrics: Metrics, statistics: Statistics, default_top_k: int,
-                 priority: PriorityPolicy | None = None):  # fmt: skip
+                 priority: PriorityPolicy | None = None, max_queue_wait_ms: float = math.inf):  # fmt: skip
         self.served, self.batcher, self.forecaster = served, batcher, forecaster
         self.pool, self.metrics, self.statistics, self.default_top_k = pool, metrics, statistics, default_top_k
         self.priority = priority or PriorityPolicy()
+        self.max_queue_wait_ms = max_queue_wait_ms
         self.pre_queue_ms = MovingAverage(PRE_QUEUE_SMOOTHING)  # time requests spend before the device queue
 
     async def infer(self, request: InferRequest) -> InferResult:
@@ -155,6 +157,7 @@ class InferenceCore:
             budget_ms=budget_ms,
         )  # fmt: skip
         ctx.depth = depth
+        self.admit(served, depth, len(tensors))
         if decode_s is not None:
             self.metrics.preprocess_seconds.labels(served.name, str(depth)).observe(decode_s)
         queued_at = asyncio.get_running_loop().time()
@@ -234,6 +237,19 @@ class InferenceCore:
         if decision.depth < depths[-1]:
             self.metrics.downgrades.labels(name, decision.reason).inc()
         return decision.depth, decision.reason
+
+    def admit(self, served: ServedModel, depth: int, images: int) -> None:
+        """Refuse, before queueing, a request that would wait longer than max_queue_wait_ms for the device:
+        it would be answered late anyway, and queueing it makes everyone behind it later still."""
+        wait_ms = self.forecaster.queue_wait_ms((served.name, depth), images)
+        if wait_ms > self.max_queue_wait_ms:
+            self.metrics.rejections.labels(served.name, "queue_wait").inc()
+            retry_after_s = self.forecaster.retry_after_s()
+            raise Overloaded(
+                f"depth {depth} would wait about {wait_ms:.0f} ms in the queue (max_queue_wait_ms "
+                f"{self.max_queue_wait_ms:g}): retry in {retry_after_s:.0f} s, or ask for depth=auto",
+                retry_after_s,
+            )
 
     def _result(self, served: ServedModel, request: InferRequest, depth: int, reason: str, rows: np.ndarray,
                 queued_at: float) -> InferResult:  # fmt: skip

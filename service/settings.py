@@ -36,7 +36,17 @@ class Settings(BaseSettings):
         description="how long the oldest queued request waits for its batch to fill up (0: batches are what "
         "queued while the device was busy, as Triton's default; docs/benchmarks.md measures 0 against 5)",
     )
-    max_queue_images: int = Field(256, ge=1, description="images queued per (model, depth) before 503 overloaded")
+    max_queue_images: int = Field(
+        256, ge=1, description="images queued per (model, depth) before 503 overloaded: a memory bound"
+    )
+    max_queue_wait_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="a request whose predicted wait for the work ahead of it on the device exceeds this is "
+        "refused at once (503 overloaded, Retry-After from the predicted drain time) instead of queueing: a bound "
+        "in time, the same for every model and machine (the batch window comes on top); depth=auto steps down "
+        "first",
+    )
     max_in_flight: int = Field(
         64, ge=1, description="requests admitted at once (receiving, decoding, queued or running) before 503 overloaded"
     )

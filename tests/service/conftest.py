@@ -1,16 +1,19 @@
-"""Service fixtures: a damageable copy of the tiny repository, settings for fast start-up, in-process apps."""
+"""Service fixtures: a damageable copy of the tiny repository, settings for fast start-up, in-process apps, a
+runtime slowed to a known cost."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import shutil
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import httpx
 import pytest
 
+import service.loading
 from service.app import create_app
 from service.runtime import tensorrt_unavailable
 from service.settings import Settings
@@ -63,3 +66,34 @@ def serving(tiny_repo):
             yield app, await stack.enter_async_context(client)
 
     return serve
+
+
+class Slowed:
+    """A runtime whose batches take `ms` per image: a device with a predictable cost."""
+
+    def __init__(self, inner, ms: float):
+        self.inner, self.ms, self.provider = inner, ms, f"slowed {inner.provider}"
+
+    def run(self, images):
+        time.sleep(self.ms * len(images) / 1000)
+        return self.inner.run(images)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture
+def slowed(monkeypatch):
+    """Per image: depth 1 takes `ms`, depth 2 twice that, depth 3 three times, or `ms[depth]` when `ms` is a
+    mapping; warm-up measures it too."""
+
+    def install(ms: float | Mapping[int, float]) -> None:
+        real = service.loading.open_runtime
+
+        def open_slowed(artifacts, *args):
+            depth = artifacts[0].depth
+            return Slowed(real(artifacts, *args), ms[depth] if isinstance(ms, Mapping) else ms * depth)
+
+        monkeypatch.setattr(service.loading, "open_runtime", open_slowed)
+
+    return install

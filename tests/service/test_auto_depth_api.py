@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -20,37 +19,6 @@ pytestmark = pytest.mark.anyio
 # (10 ms, plus the 2 ms batch window) leaves 138 ms for the time before the device queue (decoding, the event loop).
 STEEP = {1: 5, 2: 10, 3: 300}
 IDLE_TARGET = {"latency_target_ms": 150, "max_queue_delay_ms": 2, "max_batch_size": 1}  # batch 1: a 1 s warm-up
-
-
-class Slowed:
-    """A runtime whose batches take `ms` per image: a device with a predictable cost."""
-
-    def __init__(self, inner, ms: float):
-        self.inner, self.ms, self.provider = inner, ms, f"slowed {inner.provider}"
-
-    def run(self, images):
-        time.sleep(self.ms * len(images) / 1000)
-        return self.inner.run(images)
-
-    def close(self):
-        self.inner.close()
-
-
-@pytest.fixture
-def slowed(monkeypatch):
-    """Per image: depth 1 takes `ms`, depth 2 twice that, depth 3 three times, or `ms[depth]` when `ms` is a
-    mapping; warm-up measures it too."""
-
-    def install(ms: float | Mapping[int, float]) -> None:
-        real = service.loading.open_runtime
-
-        def open_slowed(artifacts, *args):
-            depth = artifacts[0].depth
-            return Slowed(real(artifacts, *args), ms[depth] if isinstance(ms, Mapping) else ms * depth)
-
-        monkeypatch.setattr(service.loading, "open_runtime", open_slowed)
-
-    return install
 
 
 def raw(**params) -> dict:

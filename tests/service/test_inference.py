@@ -202,3 +202,31 @@ def test_priority_levels_follow_triton_none_zero_and_beyond_the_levels_are_the_d
     policy = PriorityPolicy(levels=3, default_level=2, step_s=0.1)
     assert [policy.level(p) for p in (None, 1, 2, 3, 4, 99)] == [2, 1, 2, 3, 2, 2]
     assert [policy.yield_s(p) for p in (1, None, 3)] == pytest.approx([0.0, 0.1, 0.2])
+
+
+@pytest.fixture
+def bounded(core):
+    core.max_queue_wait_ms = 50.0  # depth 3 costs 30 ms a batch here
+    return core
+
+
+async def test_a_request_predicted_to_wait_past_max_queue_wait_is_refused_before_queueing(bounded):
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    bounded.batcher.queued = 1  # one image ahead on each of depths 1-3: 60 ms of work ahead
+    with pytest.raises(Overloaded) as refused:
+        await bounded.infer(request(x, depth=3))
+    assert "would wait about 60 ms" in refused.value.message and refused.value.retry_after_s >= 1
+    assert bounded.batcher.calls == []  # never queued
+    assert bounded.metrics.registry.get_sample_value("srvit_rejections_total",
+                                                     {"model": "tiny", "reason": "queue_wait"}) == 1  # fmt: skip
+    bounded.batcher.queued = 0
+    assert (await bounded.infer(request(x, depth=3))).images[0].depth == 3
+
+
+async def test_auto_requests_are_bounded_by_the_queue_wait_too(bounded):
+    """60 ms of work ahead fits auto's 100 ms target at depth 1, but not the 50 ms wait bound: refused."""
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    bounded.batcher.queued = 1
+    with pytest.raises(Overloaded, match="max_queue_wait_ms"):
+        await bounded.infer(request(x, depth="auto"))
+    assert bounded.batcher.calls == []
