@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from service import http_errors, routes, v2
+from service.http_auth import ApiKeyMiddleware
 from service.lifecycle import Service
 from service.settings import Settings
 
@@ -33,5 +34,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.include_router(routes.router)
     app.include_router(v2.router)
+    app.add_middleware(ApiKeyMiddleware, keys=service.keys)  # inside the request-id middleware: 401s carry the id
     http_errors.install(app)
     return app

@@ -60,7 +60,8 @@ async def serve(settings: Settings) -> int:
         print(f"srvit serve: cannot start: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None)  # fmt: skip
+                            timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None,
+                            server_header=False)  # no server software or version in responses  # fmt: skip
     try:
         await DrainingServer(config, service).serve()
     finally:

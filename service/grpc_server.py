@@ -31,6 +31,7 @@ from service.lifecycle import Service
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+HEALTH_METHODS = {"ServerLive", "ServerReady"}  # answered without the API key, as /v2/health/live and /ready are
 HEALTH_REFRESH_S = 0.5  # how often Watch streams see the server's state
 HEALTH_CALLS = 8  # concurrent calls beyond max_in_flight, so probes and metadata are answered under load
 # The contract's statuses as gRPC codes; 503 splits by cause (overloaded: RESOURCE_EXHAUSTED with RetryInfo).
@@ -69,12 +70,15 @@ def _whole_s(seconds: float) -> int:
 
 
 def rpc(method):
-    """A ServiceError raised by the method becomes the call's status; anything else is logged and answered
-    INTERNAL, never with a traceback (as HTTP's 500)."""
+    """The API key checked (health methods excepted); a ServiceError raised by the method becomes the call's
+    status; anything else is logged and answered INTERNAL, never with a traceback (as HTTP's 500)."""
+    open_ = method.__name__ in HEALTH_METHODS
 
     @functools.wraps(method)
     async def call(self, request, context: grpc.aio.ServicerContext):
         try:
+            if not open_:
+                self.svc.keys.check((k.lower(), v) for k, v in context.invocation_metadata() or ())
             return await method(self, request, context)
         except ServiceError as error:
             if error.status == 500:

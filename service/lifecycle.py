@@ -7,13 +7,16 @@ import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from prometheus_client import start_http_server
+
 from service.accounting import Accounting
+from service.auth import KeyCheck, StartupKeyError, api_key
 from service.device import Device
 from service.forecast import Forecaster
 from service.health import DRAINING, LEAVING, READY, SERVING, STARTING, STOPPED, is_ready, refusal
 from service.inference import InferenceCore, PriorityPolicy, ServedModel
 from service.loading import serve_model
-from service.metrics import BatchMetrics, Metrics
+from service.metrics import NONE, BatchMetrics, Metrics
 from service.repository import load_repository
 from service.settings import Settings
 from service.statistics import Statistics
@@ -46,6 +49,8 @@ class Service:
         self.pool: ThreadPoolExecutor | None = None
         self.grpc = None  # the GrpcFrontEnd, while grpc_port is on
         self.statistics = Statistics()
+        self.keys = KeyCheck(None, lambda: self.metrics.rejections.labels(NONE, "unauthorized").inc())
+        self._metrics_server = None  # the metrics_port's server, when set
         self.accounting = Accounting(self.metrics, self.statistics, settings.max_in_flight, lambda: refusal(self),
                                      self._retry_after_s)  # fmt: skip
         self.metrics.latency_target.set(settings.latency_target_ms / 1000)
@@ -69,6 +74,10 @@ class Service:
 
     async def _start(self) -> None:
         s = self.settings
+        try:
+            self.keys.key = api_key(s)
+        except StartupKeyError as e:
+            raise StartupError(str(e)) from e
         models = await asyncio.to_thread(load_repository, s.repo)
         self.device = Device(s.max_queue_delay_ms, s.max_queue_images, BatchMetrics(self.metrics, self.statistics))
         self.forecaster = Forecaster(self.device, s.max_queue_delay_ms)
@@ -85,6 +94,8 @@ class Service:
         self.device.start()
         if s.grpc_port:
             await self._start_grpc()
+        if s.metrics_port:
+            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
         self.state = READY
         log.info("ready: %s", ", ".join(f"{n} depths {m.model.depths}" for n, m in self.served.items()))
 
@@ -172,6 +183,8 @@ class Service:
         self.state = STOPPED
         if self.grpc is not None:
             await self.grpc.stop(GRPC_CLOSE_S)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         if self.device is not None:
             await self.device.stop(drain=False, timeout_s=0)
         if self.pool is not None:

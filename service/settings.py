@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     )
     warmup_runs: int = Field(3, ge=1, description="timed runs per (depth, batch size); the median is kept")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="log level")
+    api_key: SecretStr | None = Field(
+        None, description="require this key (Authorization: Bearer, or X-API-Key) on every route but health checks"
+    )
+    api_key_file: Path | None = Field(None, description="read the API key from this file (a mounted secret)")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="also serve /metrics, without the API key, on this port (0: the API port only)"
+    )
 
     @field_validator("providers", "warmup_batch_sizes", mode="before")
     @classmethod
@@ -116,6 +123,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self):
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give api_key or api_key_file, not both")
+        return self
 
     @model_validator(mode="after")
     def _default_level_exists(self):
