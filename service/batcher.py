@@ -149,6 +149,14 @@ class Batcher:
             await asyncio.wait({self._task})
         self._fail_queued(NotReady("the server is shutting down: retry on another instance"))
 
+    def halt(self, error: ServiceError) -> None:
+        """The device cannot run batches any more: refuse new submits, fail everything queued with `error`, and
+        end the executor after the running batch (whose caller raises). Health then reports the executor gone."""
+        self._accepting = False
+        self._fail_queued(error)
+        if self._task is not None:
+            self._task.cancel()
+
     def _executor_exited(self, task: asyncio.Task) -> None:
         """A crashed executor must not leave callers waiting forever: refuse and fail everything."""
         if task.cancelled() or task.exception() is None:

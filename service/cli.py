@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -19,6 +20,7 @@ from service.settings import Settings
 
 log = logging.getLogger("service")
 
+DEVICE_HUNG = 3  # exit status after a device hang (a batch past device_timeout_s)
 GRACEFUL_CLOSE_S = 5.0  # after draining, for uvicorn to close idle keep-alive connections
 
 
@@ -36,14 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """0 after a clean shutdown (SIGTERM drains first), 2 when the settings or the repository are unusable."""
+    """0 after a clean shutdown (SIGTERM drains first), 2 when the settings or the repository are unusable, 3
+    after the device hung (exits without waiting for its thread)."""
     try:
         settings = settings_from(args)
     except ValidationError as e:
         print(f"srvit serve: bad settings:\n{e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings))
+    code = asyncio.run(serve(settings))
+    if code == DEVICE_HUNG:  # the stuck device thread would keep a normal exit waiting for it forever
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -66,7 +73,7 @@ async def serve(settings: Settings) -> int:
         await DrainingServer(config, service).serve()
     finally:
         await service.stop()  # a forced exit skips the lifespan's shutdown
-    return 0
+    return DEVICE_HUNG if service.device is not None and service.device.hung else 0
 
 
 class DrainingServer(uvicorn.Server):

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+import math
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from service.batcher import Batcher, Key, Observer
+from service.errors import NotReady
 from service.forecast import Running
 from service.profile import LatencyProfile
 from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def row_dtype(classes: int) -> np.dtype:
@@ -28,12 +33,15 @@ class Device:
     the `QueueView` a `Forecaster` reads.
     """
 
-    def __init__(self, max_queue_delay_ms: float, max_queue_images: int, observer: Observer | None = None):
+    def __init__(self, max_queue_delay_ms: float, max_queue_images: int, observer: Observer | None = None,
+                 timeout_s: float = math.inf):  # fmt: skip
         self.runtimes: dict[Key, Runtime] = {}
         self.limits: dict[Key, int] = {}
         self.profiles: dict[str, LatencyProfile] = {}
         self.running: Running | None = None
         self._stopped = False
+        self.timeout_s = timeout_s  # a batch running longer means the device hung
+        self.hung = False
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="srvit-device")
         self.batcher = Batcher(self._run_batch, max_batch_size=self.limits.__getitem__,
                                max_queue_delay_ms=max_queue_delay_ms, max_queue_images=max_queue_images,
@@ -54,7 +62,7 @@ class Device:
         started = loop.time()
         self.running = Running(key, len(images), started)
         try:
-            logits = await self.call(self.runtimes[key].run, images)
+            logits = await self._watched(self.call(self.runtimes[key].run, images), key, len(images))
         finally:
             self.running = None
         run_s = loop.time() - started
@@ -62,6 +70,20 @@ class Device:
         rows = np.empty(len(logits), row_dtype(logits.shape[1]))
         rows["logits"], rows["started"], rows["run_s"] = logits, started, run_s
         return rows
+
+    async def _watched(self, run: Awaitable[np.ndarray], key: Key, size: int) -> np.ndarray:
+        """The batch, or after `timeout_s` the verdict that the device hung (a driver stall): its thread cannot
+        be interrupted, so the batcher halts: this batch and everything queued get 503 at once, new requests
+        are refused, and liveness fails, so the orchestrator restarts the process."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(run), self.timeout_s)
+        except TimeoutError:
+            self.hung = True
+            log.error("device hung: a batch of %d for %s ran past device_timeout_s (%g s); restart needed", size, key,
+                      self.timeout_s)  # fmt: skip
+            error = NotReady(f"the device hung (a batch ran past {self.timeout_s:g} s): retry on another instance")
+            self.batcher.halt(error)
+            raise error from None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -75,7 +97,8 @@ class Device:
         self._stopped = True
         if self.batcher.running:
             await self.batcher.stop(drain=drain, timeout_s=timeout_s)
-        await self.call(self._close_runtimes)
+        if not self.hung:  # a hung thread never takes the next call
+            await self.call(self._close_runtimes)
         self.executor.shutdown(wait=False)
 
     def _close_runtimes(self) -> None:

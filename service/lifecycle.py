@@ -79,7 +79,8 @@ class Service:
         except StartupKeyError as e:
             raise StartupError(str(e)) from e
         models = await asyncio.to_thread(load_repository, s.repo)
-        self.device = Device(s.max_queue_delay_ms, s.max_queue_images, BatchMetrics(self.metrics, self.statistics))
+        self.device = Device(s.max_queue_delay_ms, s.max_queue_images, BatchMetrics(self.metrics, self.statistics),
+                             s.device_timeout_s)  # fmt: skip
         self.forecaster = Forecaster(self.device, s.max_queue_delay_ms)
         try:
             for model in models.values():

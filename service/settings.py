@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="let ONNX Runtime's idle intra-op threads spin for the next call (lower latency on cores of "
         "their own; off by default: spinning threads take CPU from decoding and HTTP on a shared machine)",
     )
+    device_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a batch running longer means the device hung: liveness and readiness fail (a restart) and "
+        "queued requests get 503 at once",
+    )
     preprocess_threads: int = Field(2, ge=1, description="threads decoding images off the event loop")
     shutdown_delay_s: float = Field(
         5.0,
