@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from service.inference import RequestContext
 from service.metrics import NONE, Metrics
 from service.statistics import Statistics
 
+log = logging.getLogger("service.requests")  # one line per request, every protocol
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # safe to echo in a header and to write to a log
 
 
@@ -59,6 +61,10 @@ class Accounting:
         finally:
             seconds = loop.time() - ctx.received_at
             self.metrics.request(ctx.model, ctx.depth, status, protocol, seconds)
+            fields = {"request_id": ctx.request_id, "protocol": protocol, "model": ctx.model, "depth": ctx.depth,
+                      "status": status, "duration_ms": round(seconds * 1000, 3)}  # fmt: skip
+            log.info("%s %s depth %s: %d in %.1f ms (request %s)", protocol, ctx.model, ctx.depth, status,
+                     seconds * 1000, ctx.request_id, extra={"request": fields})  # fmt: skip
             if status != 200 and ctx.model is not None:
                 self.statistics.failed(ctx.model, ctx.depth, seconds)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -45,12 +46,30 @@ def main(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"srvit serve: bad settings:\n{e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     code = asyncio.run(serve(settings))
     if code == DEVICE_HUNG:  # the stuck device thread would keep a normal exit waiting for it forever
         logging.shutdown()
         os._exit(code)
     return code
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a request line's fields (never a body)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage(), **getattr(record, "request", {})}  # fmt: skip
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(JsonLines() if settings.log_format == "json" else text)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -67,7 +86,7 @@ async def serve(settings: Settings) -> int:
         print(f"srvit serve: cannot start: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None,
+                            timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None, access_log=False,
                             server_header=False)  # no server software or version in responses  # fmt: skip
     try:
         await DrainingServer(config, service).serve()

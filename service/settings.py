@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     )
     warmup_runs: int = Field(3, ge=1, description="timed runs per (depth, batch size); the median is kept")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: one JSON object per log line (request lines carry request_id, protocol, model, "
+        "depth, status, duration_ms)",
+    )
     api_key: SecretStr | None = Field(
         None, description="require this key (Authorization: Bearer, or X-API-Key) on every route but health checks"
     )

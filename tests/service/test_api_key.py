@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import httpx
 import numpy as np
@@ -95,3 +97,26 @@ def test_grpc_needs_the_key_in_metadata_and_health_does_not(tiny_repo, tmp_path)
         apart.status_code == 200
         and 'srvit_requests_total{depth="3",model="tiny",protocol="v2_grpc",status="200"} 2.0' in apart.text
     )
+
+
+def test_json_log_lines_carry_each_requests_fields_and_never_its_body(tiny_repo, tmp_path):
+    proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--log-format", "json").wait_ready()
+    try:
+        answer = httpx.post(f"{proc.url}/classify", params={"depth": 2}, headers={"X-Request-ID": "req-42",
+                            "Content-Type": "image/png"}, content=png())  # fmt: skip
+        bad = httpx.post(f"{proc.url}/classify", headers={"Content-Type": "image/png"}, content=b"\x89PNG" + b"A" * 500)
+        c = tgrpc.InferenceServerClient(proc.grpc_url)
+        x = tgrpc.InferInput("images", [1, 1, 8, 8], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        c.infer("tiny_d1", [x], request_id="grpc-7")
+    finally:
+        proc.stop()
+    lines = [json.loads(line) for line in proc.output().splitlines() if line.startswith("{")]
+    requests = {line["request_id"]: line for line in lines if line["logger"] == "service.requests"}
+    assert answer.status_code == 200 and bad.status_code == 400
+    assert {k: requests["req-42"][k] for k in ("protocol", "model", "depth", "status")} == {
+        "protocol": "classify", "model": "tiny", "depth": 2, "status": 200}  # fmt: skip
+    assert requests["grpc-7"]["protocol"] == "v2_grpc" and requests["grpc-7"]["depth"] == 1
+    assert requests[bad.headers["x-request-id"]]["status"] == 400 and requests["req-42"]["duration_ms"] > 0
+    assert "AAAA" not in proc.output()  # no body in any line
+    assert all(set(line) >= {"time", "level", "logger", "message"} for line in lines)
