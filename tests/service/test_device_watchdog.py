@@ -63,3 +63,36 @@ async def test_a_batch_past_device_timeout_fails_fast_and_the_server_asks_to_be_
     assert live.status_code == 500 and "restart" in live.json()["error"]
     assert ready.status_code == 503 and later.status_code == 503
     assert "srvit_ready 0.0" in metrics
+
+
+class FailingOnce:
+    """A runtime whose next batch raises once `fail` is set, then recovers."""
+
+    def __init__(self, inner, fail: threading.Event):
+        self.inner, self.fail, self.provider = inner, fail, inner.provider
+
+    def run(self, images):
+        if self.fail.is_set():
+            self.fail.clear()
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner.run(images)
+
+    def close(self):
+        self.inner.close()
+
+
+async def test_a_failing_batch_fails_only_its_requests_with_500_and_the_next_batch_succeeds(serving, monkeypatch):
+    fail = threading.Event()
+    real = service.loading.open_runtime
+    monkeypatch.setattr(service.loading, "open_runtime", lambda *args: FailingOnce(real(*args), fail))
+    async with serving(max_queue_delay_ms=0) as (_, client):
+        fail.set()
+        broken = await client.post(
+            "/classify", **raw() | {"headers": {"Content-Type": "image/png", "X-Request-ID": "r-1"}}
+        )
+        after = await client.post("/classify", **raw())
+        live = await client.get("/healthz")
+    body = broken.json()
+    assert (broken.status_code, body["code"], body["request_id"]) == (500, "internal", "r-1")
+    assert "illegal memory" not in body["error"]  # the cause is logged, never shown
+    assert after.status_code == 200 and live.status_code == 200
