@@ -8,7 +8,7 @@ import hmac
 from collections.abc import Callable, Iterable
 
 from service.errors import ServiceError
-from service.settings import Settings
+from service.settings import Settings, is_usable_key
 
 # Paths a key is never asked for: liveness and readiness, as load balancers and Kubernetes probe them.
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -29,11 +29,12 @@ def api_key(settings: Settings) -> bytes | None:
     if settings.api_key_file is None:
         return None
     try:
-        key = settings.api_key_file.read_text().strip()
-    except OSError as e:
-        raise StartupKeyError(f"cannot read api_key_file {settings.api_key_file}: {e.strerror}") from e
-    if not key:
-        raise StartupKeyError(f"api_key_file {settings.api_key_file} is empty")
+        key = settings.api_key_file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StartupKeyError(f"cannot read api_key_file {settings.api_key_file}: {getattr(e, 'strerror', e)}") from e
+    if not is_usable_key(key):
+        raise StartupKeyError(f"api_key_file {settings.api_key_file}: the key must be 8 or more printable ASCII "
+                              "characters, no spaces")  # fmt: skip
     return key.encode()
 
 
@@ -57,7 +58,7 @@ class KeyCheck:
         if self.key is None:
             return
         given = presented(pairs)
-        if given is None or not hmac.compare_digest(given.encode(), self.key):
+        if given is None or not hmac.compare_digest(given.encode("latin-1", "replace"), self.key):
             self.on_refused()
             shown = "no API key was sent" if given is None else "the API key is wrong"
             raise Unauthorized(f"{shown}: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")

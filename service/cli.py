@@ -23,11 +23,14 @@ log = logging.getLogger("service")
 
 DEVICE_HUNG = 3  # exit status after a device hang (a batch past device_timeout_s)
 GRACEFUL_CLOSE_S = 5.0  # after draining, for uvicorn to close idle keep-alive connections
+ENV_ONLY = {"api_key"}  # secrets: SRVIT_API_KEY or SRVIT_API_KEY_FILE, never in argv where `ps` shows them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, so flags and SRVIT_* variables can never drift apart; a flag overrides its variable."""
     for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
         default = field.default if not isinstance(field.default, tuple) else ",".join(map(str, field.default))
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -58,11 +61,12 @@ class JsonLines(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a request line's fields (never a body)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "request", None)
         line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                "message": record.getMessage(), **getattr(record, "request", {})}  # fmt: skip
+                "message": record.getMessage(), **(fields if isinstance(fields, dict) else {})}  # fmt: skip
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
+        return json.dumps(line, default=str)
 
 
 def configure_logging(settings: Settings) -> None:

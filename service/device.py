@@ -17,6 +17,7 @@ from service.profile import LatencyProfile
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
+STOP_WAIT_S = 5.0  # at stop, how long a batch still running may take before the device counts as hung
 
 
 def row_dtype(classes: int) -> np.dtype:
@@ -42,6 +43,7 @@ class Device:
         self._stopped = False
         self.timeout_s = timeout_s  # a batch running longer means the device hung
         self.hung = False
+        self._inflight: asyncio.Future | None = None  # the running batch's call on the device thread
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="srvit-device")
         self.batcher = Batcher(self._run_batch, max_batch_size=self.limits.__getitem__,
                                max_queue_delay_ms=max_queue_delay_ms, max_queue_images=max_queue_images,
@@ -75,8 +77,9 @@ class Device:
         """The batch, or after `timeout_s` the verdict that the device hung (a driver stall): its thread cannot
         be interrupted, so the batcher halts: this batch and everything queued get 503 at once, new requests
         are refused, and liveness fails, so the orchestrator restarts the process."""
+        self._inflight = asyncio.ensure_future(run)
         try:
-            return await asyncio.wait_for(asyncio.shield(run), self.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(self._inflight), self.timeout_s)
         except TimeoutError:
             self.hung = True
             log.error("device hung: a batch of %d for %s ran past device_timeout_s (%g s); restart needed", size, key,
@@ -97,6 +100,11 @@ class Device:
         self._stopped = True
         if self.batcher.running:
             await self.batcher.stop(drain=drain, timeout_s=timeout_s)
+        if self._inflight is not None and not self._inflight.done():  # a batch the stop cut short
+            await asyncio.wait({self._inflight}, timeout=min(self.timeout_s, STOP_WAIT_S))
+            if not self._inflight.done():
+                self.hung = True
+                log.error("device still busy %g s after stopping: treated as hung", min(self.timeout_s, STOP_WAIT_S))
         if not self.hung:  # a hung thread never takes the next call
             await self.call(self._close_runtimes)
         self.executor.shutdown(wait=False)

@@ -25,6 +25,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from service import health, oip
 from service.accounting import request_id
+from service.auth import Unauthorized
 from service.errors import BadRequest, InvalidParameter, ModelControlDisabled, Overloaded, ServiceError
 from service.lifecycle import Service
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 HEALTH_METHODS = {"ServerLive", "ServerReady"}  # answered without the API key, as /v2/health/live and /ready are
+HEALTH_SERVICE = "grpc.health.v1.Health"
 HEALTH_REFRESH_S = 0.5  # how often Watch streams see the server's state
 HEALTH_CALLS = 8  # concurrent calls beyond max_in_flight, so probes and metadata are answered under load
 # The contract's statuses as gRPC codes; 503 splits by cause (overloaded: RESOURCE_EXHAUSTED with RetryInfo).
@@ -70,15 +72,12 @@ def _whole_s(seconds: float) -> int:
 
 
 def rpc(method):
-    """The API key checked (health methods excepted); a ServiceError raised by the method becomes the call's
-    status; anything else is logged and answered INTERNAL, never with a traceback (as HTTP's 500)."""
-    open_ = method.__name__ in HEALTH_METHODS
+    """A ServiceError raised by the method becomes the call's status; anything else is logged and answered
+    INTERNAL, never with a traceback (as HTTP's 500)."""
 
     @functools.wraps(method)
     async def call(self, request, context: grpc.aio.ServicerContext):
         try:
-            if not open_:
-                self.svc.keys.check((k.lower(), v) for k, v in context.invocation_metadata() or ())
             return await method(self, request, context)
         except ServiceError as error:
             if error.status == 500:
@@ -223,6 +222,43 @@ for _name, _message in UNIMPLEMENTED.items():
     setattr(InferenceService, _name, _unimplemented(_name, _message))
 
 
+class KeyInterceptor(grpc.aio.ServerInterceptor):
+    """The API key from the call's metadata, checked when the call starts, before its message is read; the
+    health methods are answered without it."""
+
+    def __init__(self, svc: Service):
+        self.svc = svc
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        service, _, method = details.method.rpartition("/")
+        if handler is None or service == f"/{HEALTH_SERVICE}" or method in HEALTH_METHODS:
+            return handler
+        try:
+            self.svc.keys.check((k.lower(), v) for k, v in details.invocation_metadata or ())
+        except Unauthorized as error:
+            return _refusing(handler, error.message)
+        return handler
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+
+    async def unary(request, context):
+        await context.abort(Code.UNAUTHENTICATED, message)
+
+    async def streaming(requests, context):
+        await context.abort(Code.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(streaming)
+    return grpc.unary_unary_rpc_method_handler(unary)
+
+
 class Health(health_aio.HealthServicer):
     """grpc.health.v1 answering as /readyz does: SERVING for "" and the inference service while ready."""
 
@@ -252,7 +288,8 @@ class GrpcFrontEnd:
         options = [("grpc.max_receive_message_length", s.max_body_bytes),
                    ("grpc.max_send_message_length", s.max_body_bytes),
                    ("grpc.so_reuseport", 0)]  # a port in use fails to bind instead of being shared  # fmt: skip
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_in_flight + HEALTH_CALLS)
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_in_flight + HEALTH_CALLS,
+                                      interceptors=[KeyInterceptor(svc)])  # fmt: skip
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(svc), self.server)
         self.health = Health(svc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -157,11 +157,11 @@ class InferenceCore:
             budget_ms=budget_ms,
         )  # fmt: skip
         ctx.depth = depth
-        self.admit(served, depth, len(tensors))
+        yield_s = self.priority.yield_s(request.priority)
+        self.admit(served, depth, len(tensors), yield_s)
         if decode_s is not None:
             self.metrics.preprocess_seconds.labels(served.name, str(depth)).observe(decode_s)
         queued_at = asyncio.get_running_loop().time()
-        yield_s = self.priority.yield_s(request.priority)
         rows = await self.batcher.submit((served.name, depth), tensors, deadline, yield_s=yield_s)
         served.auto.observe(depth, self._since(ctx.received_at))  # latency feedback, whichever protocol asked
         t0 = time.perf_counter()
@@ -238,16 +238,17 @@ class InferenceCore:
             self.metrics.downgrades.labels(name, decision.reason).inc()
         return decision.depth, decision.reason
 
-    def admit(self, served: ServedModel, depth: int, images: int) -> None:
-        """Refuse, before queueing, a request that would wait longer than max_queue_wait_ms for the device:
-        it would be answered late anyway, and queueing it makes everyone behind it later still."""
-        wait_ms = self.forecaster.queue_wait_ms((served.name, depth), images)
+    def admit(self, served: ServedModel, depth: int, images: int, yield_s: float = 0.0) -> None:
+        """Refuse, before queueing, a request that would wait longer than max_queue_wait_ms for the device
+        (its priority's yield included): it would be answered late anyway, and queueing it makes everyone
+        behind it later still."""
+        wait_ms = self.forecaster.queue_wait_ms((served.name, depth), images) + yield_s * 1000
         if wait_ms > self.max_queue_wait_ms:
             self.metrics.rejections.labels(served.name, "queue_wait").inc()
             retry_after_s = self.forecaster.retry_after_s()
             raise Overloaded(
                 f"depth {depth} would wait about {wait_ms:.0f} ms in the queue (max_queue_wait_ms "
-                f"{self.max_queue_wait_ms:g}): retry in {retry_after_s:.0f} s, or ask for depth=auto",
+                f"{self.max_queue_wait_ms:g}): retry in {retry_after_s:.0f} s",
                 retry_after_s,
             )
 

@@ -96,7 +96,7 @@ class Service:
         if s.grpc_port:
             await self._start_grpc()
         if s.metrics_port:
-            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            await self._start_metrics_port()
         self.state = READY
         log.info("ready: %s", ", ".join(f"{n} depths {m.model.depths}" for n, m in self.served.items()))
 
@@ -110,6 +110,16 @@ class Service:
             await self.device.stop(drain=False, timeout_s=0)
             raise StartupError(str(e)) from e
         await self.grpc.start()
+
+    async def _start_metrics_port(self) -> None:
+        s = self.settings
+        try:
+            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+        except OSError as e:
+            if self.grpc is not None:
+                await self.grpc.stop(0)
+            await self.device.stop(drain=False, timeout_s=0)
+            raise StartupError(f"cannot serve /metrics on {s.host}:{s.metrics_port}: {e.strerror}") from e
 
     def describe(self) -> list[dict]:
         """Every served model as GET /v1/models shows it: depths, accuracy, measured latency, runtime, limits."""

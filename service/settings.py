@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 MiB = 1024 * 1024
 
 
+def is_usable_key(key: str) -> bool:
+    return len(key) >= 8 and all("!" <= c <= "~" for c in key)
+
+
 class Settings(BaseSettings):
     """Built once per app. Precedence: CLI flags (constructor arguments), then SRVIT_* variables, then defaults.
 
@@ -18,7 +22,8 @@ class Settings(BaseSettings):
     variable and a flag read the same way.
     """
 
-    model_config = SettingsConfigDict(env_prefix="SRVIT_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a bad setting's message must not print the API key
+    model_config = SettingsConfigDict(env_prefix="SRVIT_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     repo: Path = Field(Path("model_repo"), description="model repository written by `srvit export`")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
@@ -44,8 +49,8 @@ class Settings(BaseSettings):
         gt=0,
         description="a request whose predicted wait for the work ahead of it on the device exceeds this is "
         "refused at once (503 overloaded, Retry-After from the predicted drain time) instead of queueing: a bound "
-        "in time, the same for every model and machine (the batch window comes on top); depth=auto steps down "
-        "first",
+        "in time, the same for every model and machine (the batch window comes on top); depth=auto requests too, "
+        "after auto has chosen their depth for the latency target",
     )
     max_in_flight: int = Field(
         64, ge=1, description="requests admitted at once (receiving, decoding, queued or running) before 503 overloaded"
@@ -120,7 +125,9 @@ class Settings(BaseSettings):
         "depth, status, duration_ms)",
     )
     api_key: SecretStr | None = Field(
-        None, description="require this key (Authorization: Bearer, or X-API-Key) on every route but health checks"
+        None,
+        description="require this key (Authorization: Bearer, or X-API-Key) on every route but health checks; "
+        "an environment variable only, never a flag (a flag shows in the process list)",
     )
     api_key_file: Path | None = Field(None, description="read the API key from this file (a mounted secret)")
     metrics_port: int = Field(
@@ -134,6 +141,22 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        """An empty key (an unset secret) would let an empty header in: refuse it, and anything but printable
+        ASCII, which HTTP headers cannot carry reliably."""
+        if key is not None and not is_usable_key(key.get_secret_value()):
+            raise ValueError("api_key must be 8 or more printable ASCII characters, no spaces")
+        return key
+
+    @model_validator(mode="after")
+    def _distinct_ports(self):
+        ports = [p for p in (self.port, self.grpc_port, self.metrics_port) if p]
+        if len(ports) != len(set(ports)):
+            raise ValueError(f"port, grpc_port and metrics_port must differ, got {ports}")
+        return self
 
     @model_validator(mode="after")
     def _one_key_source(self):

@@ -24,14 +24,14 @@ class ServerProcess:
     """`srvit serve` with its command-line flags and its output in a file (a full pipe would block it);
     started, waited for and stopped with the benchmark's own helpers."""
 
-    def __init__(self, repo: Path, log_path: Path, *flags: str):
+    def __init__(self, repo: Path, log_path: Path, *flags: str, env: dict[str, str] | None = None):
         self.port, self.grpc_port = bench.free_port(), bench.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         args = [str(SRVIT), "serve", "--repo", str(repo), "--port", str(self.port), "--grpc-port",
                 str(self.grpc_port), *FAST, *flags]  # fmt: skip
-        env = clean_env()
+        env = clean_env() | (env or {})
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.server = bench.Server(self.url, self.proc, env, log_path)

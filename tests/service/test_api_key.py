@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import grpc
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 from sample_images import png
 from server_process import ServerProcess
 from tritonclient.utils import InferenceServerException
 
 from bench import servers
+from service.cli import add_arguments
+from service.settings import Settings
 
 KEY = "s3cret-key"
 pytestmark = pytest.mark.anyio
@@ -72,7 +76,8 @@ async def test_the_key_can_come_from_a_file_and_a_missing_file_stops_start_up(se
 
 def test_grpc_needs_the_key_in_metadata_and_health_does_not(tiny_repo, tmp_path):
     metrics_port = servers.free_port()
-    proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--api-key", KEY, "--metrics-port", str(metrics_port))
+    proc = ServerProcess(tiny_repo, tmp_path / "serve.log", "--metrics-port", str(metrics_port),
+                         env={"SRVIT_API_KEY": KEY})  # fmt: skip
     proc.wait_ready()
     try:
         c = tgrpc.InferenceServerClient(proc.grpc_url)
@@ -120,3 +125,18 @@ def test_json_log_lines_carry_each_requests_fields_and_never_its_body(tiny_repo,
     assert requests[bad.headers["x-request-id"]]["status"] == 400 and requests["req-42"]["duration_ms"] > 0
     assert "AAAA" not in proc.output()  # no body in any line
     assert all(set(line) >= {"time", "level", "logger", "message"} for line in lines)
+
+
+@pytest.mark.parametrize("key", ["", "short", "has space in it", "ключ-ключ-ключ"])
+def test_an_unusable_key_is_refused_and_never_printed(key):
+    with pytest.raises(ValidationError) as error:
+        Settings(api_key=key)
+    assert "api_key must be" in str(error.value)
+    assert key not in str(error.value) or not key  # the value itself is never echoed
+
+
+def test_the_key_is_no_command_line_flag():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert "--api-key" not in flags and "--api-key-file" in flags
