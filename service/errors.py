@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class ServiceError(Exception):
     """Base of every error a client may see: the app maps `status` and `code` to the JSON error body.
@@ -59,6 +61,11 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds, at least 1: HTTP's Retry-After and gRPC's RetryInfo."""
+        return max(1, math.ceil(self.retry_after_s))
 
 
 class DeadlineExceeded(ServiceError):

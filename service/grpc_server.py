@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 
 import grpc
 from google.protobuf import duration_pb2, json_format
@@ -58,17 +57,13 @@ def status_of(error: ServiceError) -> grpc.Status:
     """The contract's error as a gRPC status; an overloaded answer carries RetryInfo (google.rpc) with the
     Retry-After an HTTP client would get."""
     if isinstance(error, Overloaded):
-        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=_whole_s(error.retry_after_s)))
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_after))
         detail = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=error.message)
         detail.details.add().Pack(retry)
         return rpc_status.to_status(detail)
     code = Code.FAILED_PRECONDITION if isinstance(error, ModelControlDisabled) else None
     code = code or CODES.get(error.status, Code.INTERNAL)
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=error.message))
-
-
-def _whole_s(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
 
 
 def rpc(method):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Sequence
 
@@ -73,7 +72,7 @@ def error_response(status: int, code: str, message: str, rid: str, headers: dict
 def service_error_response(error: ServiceError, rid: str) -> JSONResponse:
     headers = None
     if isinstance(error, Overloaded):
-        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+        headers = {"Retry-After": str(error.retry_after)}
     if error.status == 500:  # 503/504 are load, logged as metrics; a 500 is a fault someone must look at
         log.error("request %s: %s", rid, error.message)
     return error_response(error.status, error.code, error.message, rid, headers)

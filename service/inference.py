@@ -226,13 +226,8 @@ class InferenceCore:
         decision = served.auto.choose(self.forecaster.forecast(name, depths, images, spent_ms), budget_ms)
         if decision is None:
             self.metrics.auto_requests.labels(name, "refused").inc()
-            self.metrics.rejections.labels(name, "auto_overload").inc()
-            retry_after_s = self.forecaster.retry_after_s()
-            raise Overloaded(
-                f"even depth {depths[0]} would miss the latency budget behind the work queued now: "
-                f"retry in {retry_after_s:.0f} s",
-                retry_after_s,
-            )
+            self._refuse(name, "auto_overload", f"even depth {depths[0]} would miss the latency budget behind the "
+                         "work queued now")  # fmt: skip
         self.metrics.auto_requests.labels(name, decision.reason).inc()
         if decision.depth < depths[-1]:
             self.metrics.downgrades.labels(name, decision.reason).inc()
@@ -244,13 +239,14 @@ class InferenceCore:
         behind it later still."""
         wait_ms = self.forecaster.queue_wait_ms((served.name, depth), images) + yield_s * 1000
         if wait_ms > self.max_queue_wait_ms:
-            self.metrics.rejections.labels(served.name, "queue_wait").inc()
-            retry_after_s = self.forecaster.retry_after_s()
-            raise Overloaded(
-                f"depth {depth} would wait about {wait_ms:.0f} ms in the queue (max_queue_wait_ms "
-                f"{self.max_queue_wait_ms:g}): retry in {retry_after_s:.0f} s",
-                retry_after_s,
-            )
+            self._refuse(served.name, "queue_wait", f"depth {depth} would wait about {wait_ms:.0f} ms in the queue "
+                         f"(max_queue_wait_ms {self.max_queue_wait_ms:g})")  # fmt: skip
+
+    def _refuse(self, model: str, reason: str, why: str) -> None:
+        """503 overloaded, counted by reason, with a Retry-After of the time the queued work needs."""
+        self.metrics.rejections.labels(model, reason).inc()
+        retry_after_s = self.forecaster.retry_after_s()
+        raise Overloaded(f"{why}: retry in {retry_after_s:.0f} s", retry_after_s)
 
     def _result(self, served: ServedModel, request: InferRequest, depth: int, reason: str, rows: np.ndarray,
                 queued_at: float) -> InferResult:  # fmt: skip

@@ -93,33 +93,30 @@ class Service:
         self.core = InferenceCore(self.served, self.device.batcher, self.forecaster, self.pool, self.metrics,
                                   self.statistics, s.default_top_k, priority, s.max_queue_wait_ms)  # fmt: skip
         self.device.start()
-        if s.grpc_port:
-            await self._start_grpc()
-        if s.metrics_port:
-            await self._start_metrics_port()
+        await self._start_front_ends()
         self.state = READY
         log.info("ready: %s", ", ".join(f"{n} depths {m.model.depths}" for n, m in self.served.items()))
 
-    async def _start_grpc(self) -> None:
-        """The gRPC front end on the same loop and core; a port that cannot be bound stops start-up."""
-        from service.grpc_server import GrpcFrontEnd  # grpc loads only when the port is on
-
-        try:
-            self.grpc = GrpcFrontEnd(self)
-        except OSError as e:
-            await self.device.stop(drain=False, timeout_s=0)
-            raise StartupError(str(e)) from e
-        await self.grpc.start()
-
-    async def _start_metrics_port(self) -> None:
+    async def _start_front_ends(self) -> None:
+        """gRPC on the same loop and core, and /metrics on a port of its own, when their ports are set; a port
+        that cannot be bound stops start-up, with what was started stopped again."""
         s = self.settings
         try:
-            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            if s.grpc_port:
+                from service.grpc_server import GrpcFrontEnd  # grpc loads only when the port is on
+
+                self.grpc = GrpcFrontEnd(self)
+                await self.grpc.start()
+            if s.metrics_port:
+                try:
+                    self._metrics_server, _ = start_http_server(s.metrics_port, s.host, self.metrics.registry)
+                except OSError as e:
+                    raise OSError(f"cannot serve /metrics on {s.host}:{s.metrics_port}: {e.strerror}") from e
         except OSError as e:
             if self.grpc is not None:
                 await self.grpc.stop(0)
             await self.device.stop(drain=False, timeout_s=0)
-            raise StartupError(f"cannot serve /metrics on {s.host}:{s.metrics_port}: {e.strerror}") from e
+            raise StartupError(str(e)) from e
 
     def describe(self) -> list[dict]:
         """Every served model as GET /v1/models shows it: depths, accuracy, measured latency, runtime, limits."""

@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from google.protobuf import json_format, text_format
@@ -80,7 +82,7 @@ def model_config(served: ServedModel, name: str) -> model_config_pb2.ModelConfig
         depth = served.default_depth if isinstance(served.default_depth, int) else served.model.depths[-1]
     artifacts = served.model.artifacts[depth]
     folder = next((a.folder for a in artifacts if a.manifest.triton_name == name), artifacts[0].folder)
-    config = text_format.Parse((folder / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
+    config = text_format.Parse(_config_text(folder), model_config_pb2.ModelConfig())
     config.name = name
     return config
 
@@ -88,6 +90,12 @@ def model_config(served: ServedModel, name: str) -> model_config_pb2.ModelConfig
 # int64 fields that Triton's HTTP front end writes as JSON numbers (protobuf's JSON writes them as strings)
 INT64_FIELDS = {"dims", "shape", "versions", "max_queue_delay_microseconds", "priority_levels",
                 "default_priority_level", "default_timeout_microseconds", "model_version"}  # fmt: skip
+
+
+@functools.cache
+def _config_text(folder: Path) -> str:
+    """A folder's config.pbtxt, read once: the repository is fixed while the server runs."""
+    return (folder / CONFIG_FILE).read_text()
 
 
 def config_json(config: model_config_pb2.ModelConfig) -> dict:

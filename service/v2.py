@@ -46,15 +46,11 @@ async def ready(request: Request) -> dict:
     return {"ready": True}
 
 
-def resolve(svc: Service, name: str, version: str | None = None) -> tuple[ServedModel, int | None]:
-    return oip.resolve(svc.served, name, version)
-
-
 def described(request: Request, name: str, version: str | None) -> tuple[Service, ServedModel]:
     """The service and the named model, while models can be described (serving or draining)."""
     svc = service(request)
     health.check_described(svc)
-    return svc, resolve(svc, name, version)[0]
+    return svc, oip.resolve(svc.served, name, version)[0]
 
 
 # Declared before /models/{name}: "stats" is not a model name.
@@ -77,7 +73,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 async def model_ready(request: Request, name: str, version: str | None = None) -> dict:
     svc = service(request)
     health.check_ready(svc)
-    resolve(svc, name, version)
+    oip.resolve(svc.served, name, version)
     return {"name": name, "ready": True}
 
 
@@ -121,17 +117,19 @@ INFER_SUMMARY = "Inference on images: FP32 tensor `images` [n, C, H, W] or BYTES
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     svc, rid = service(request), request_id(request)
     with svc.accounting.track(rid, "v2_http") as ctx:
-        served, fixed_depth = resolve(svc, name, version)
+        served, fixed_depth = oip.resolve(svc.served, name, version)
         ctx.model, ctx.depth = served.name, fixed_depth  # a folder name's depth counts its failures too
         split = json_length(request.headers)
         body = await receive_infer(request, svc.settings, split)
         # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks
         header, images = await svc.core.offload(parse_infer, body, split, served, svc.settings.max_images_per_request)
         params = _object(header.get("parameters"), '"parameters"')
-        wanted = oip.requested_outputs(requested(header), served)
+        asked = requested(header)
+        wanted = oip.requested_outputs(asked, served)
         infer = oip.infer_request(ctx, params, images, served, fixed_depth)
         result = await unless_disconnected(request, svc.core.infer(infer))
-        return infer_response(header, params, oip.outputs(result, wanted, served.model.labels), name, result, rid)
+        return infer_response(header, asked, params, oip.outputs(result, wanted, served.model.labels), name, result,
+                              rid)  # fmt: skip
 
 
 def json_length(headers) -> int | None:
@@ -231,11 +229,10 @@ def requested(header: dict) -> dict[str, dict]:
     return {o["name"]: o.get("parameters") or {} for o in header.get("outputs") or []}
 
 
-def infer_response(header: dict, params: dict, outputs: list[oip.Output], name: str, result: InferResult,
-                   rid: str) -> Response:  # fmt: skip
+def infer_response(header: dict, asked: dict[str, dict], params: dict, outputs: list[oip.Output], name: str,
+                   result: InferResult, rid: str) -> Response:  # fmt: skip
     """Each output as JSON data, or binary after the JSON header when the client asked for it that way
     (per output `binary_data`, or `binary_data_output` for a request that named no outputs)."""
-    asked = requested(header)
     default_binary = params.get("binary_data_output", False) is True
     rendered, payload = [], []
     for output in outputs:
