@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -33,19 +32,8 @@ def tensorrt_missing() -> str | None:
 
 @pytest.fixture(scope="session")
 def model_config_pb2():
-    """Triton's own ModelConfig schema. tritonclient[http] ships the generated module, but the
-    tritonclient.grpc package refuses to import without grpcio, so then load the file itself."""
-    try:
-        from tritonclient.grpc import model_config_pb2
+    """Triton's own ModelConfig schema, as the server reads config.pbtxt too (tritonclient's generated module,
+    a base dependency since the gRPC front end)."""
+    from tritonclient.grpc import model_config_pb2
 
-        return model_config_pb2
-    except (ImportError, RuntimeError):
-        pass
-    spec = importlib.util.find_spec("tritonclient")
-    if spec is None:
-        pytest.skip("tritonclient is not installed (pip install 'srvit[test]')")
-    path = Path(spec.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py"
-    module_spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return model_config_pb2
