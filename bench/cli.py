@@ -8,6 +8,7 @@ from pathlib import Path
 from bench.accuracy import run_accuracy
 from bench.load import run_load
 from bench.matrix import run_matrix
+from bench.memory import run_memory
 from modelrepo.idx import FASHION_MNIST_DIR
 
 
@@ -44,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     matrix.add_argument("--client-cpus", type=_cpus, default=None, help="pin this load generator, e.g. 0")
     matrix.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for <tag>.json and .md")
     matrix.add_argument("--tag", default="cpu", help="file name stem of the results")
+
+    memory = sub.add_parser("memory", help="start a server, send rounds of 12 MP photos and abuse, report its memory")
+    memory.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository to serve")
+    memory.add_argument("--model", default=None, help="model name in the repository (default: the only one)")
+    memory.add_argument("--rounds", type=int, default=5)
+    memory.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="the server's body limit")
+    memory.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, e.g. MALLOC_ARENA_MAX=2")
+    memory.add_argument("--json", type=Path, default=None, help="also write the rounds to this JSON file")
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -84,4 +93,4 @@ def _cpus(text: str) -> set[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    return {"load": run_load, "accuracy": run_accuracy, "matrix": run_matrix}[args.mode](args)
+    return {"load": run_load, "accuracy": run_accuracy, "matrix": run_matrix, "memory": run_memory}[args.mode](args)

@@ -26,11 +26,12 @@ def request_id(client_id: str | None) -> str:
 class Accounting:
     """`track` wraps one request from before its body is read to its rendered answer, whatever the protocol."""
 
-    def __init__(self, metrics: Metrics, statistics: Statistics, max_in_flight: int,
+    def __init__(self, metrics: Metrics, statistics: Statistics, max_in_flight: int, max_buffered_bytes: int,
                  refusal: Callable[[], str | None], retry_after_s: Callable[[], float]):  # fmt: skip
         self.metrics, self.statistics, self.max_in_flight = metrics, statistics, max_in_flight
         self._refusal, self._retry_after_s = refusal, retry_after_s  # why the server takes no requests now
         self.in_flight = 0
+        self.max_buffered_bytes, self.buffered_bytes = max_buffered_bytes, 0
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -49,6 +50,7 @@ class Accounting:
                 yield ctx
             finally:
                 self.in_flight -= 1
+                self.buffered_bytes -= ctx.held_bytes
                 if self.in_flight == 0:
                     self.idle.set()
             status = 200
@@ -67,6 +69,18 @@ class Accounting:
                      seconds * 1000, ctx.request_id, extra={"request": fields})  # fmt: skip
             if status != 200 and ctx.model is not None:
                 self.statistics.failed(ctx.model, ctx.depth, seconds)
+
+    def hold(self, ctx: RequestContext, size_bytes: int) -> None:
+        """Reserve room for a body of up to `size_bytes` before reading it, until the request ends. max_in_flight
+        bounds requests, not bytes: 64 uploads of 16 MiB would hold 1 GiB. Past the budget the request is refused
+        while it has cost nothing yet (its body unread); the room frees as soon as other requests end."""
+        if self.buffered_bytes + size_bytes > self.max_buffered_bytes:
+            self.metrics.rejections.labels(ctx.model or NONE, "buffered_bytes").inc()
+            held, limit = self.buffered_bytes, self.max_buffered_bytes
+            raise Overloaded(f"the server holds {held} bytes of request bodies and this one may bring {size_bytes} "
+                             f"more; max_buffered_bytes is {limit}: retry in 1 s")  # fmt: skip
+        self.buffered_bytes += size_bytes
+        ctx.held_bytes += size_bytes
 
     def _admit(self) -> None:
         """Called before the body is read: past max_in_flight, a flood of slow uploads would hold memory and

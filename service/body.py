@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -29,6 +29,7 @@ COMPRESSIONS = ("gzip", "deflate")
 MAX_FORM_FIELDS = 8  # depth, top_k, model, timeout_ms, and a little slack for the client's own extras
 
 T = TypeVar("T")
+Hold = Callable[[int], None]  # reserves room for a body of up to so many bytes, or raises Overloaded
 
 
 class RequestTimeout(ServiceError):
@@ -43,11 +44,11 @@ class Body:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-async def read_body(request: Request, max_bytes: int, timeout_s: float, max_images: int) -> Body:
+async def read_body(request: Request, max_bytes: int, timeout_s: float, max_images: int, hold: Hold) -> Body:
     """The images and form fields of a POST /classify, or the client error that explains why not."""
     kind = media_type(request.headers)
     check_encoding(request.headers)
-    data = await receive(request, max_bytes, timeout_s)
+    data = await receive(request, max_bytes, timeout_s, hold=hold)
     if kind == MULTIPART:
         return await parse_multipart(request.headers, data, max_images)
     return Body([data])
@@ -116,12 +117,16 @@ class Inflater:
             raise _trailing()
 
 
-async def receive(request: Request, max_bytes: int, timeout_s: float, encoding: str | None = None) -> bytes:
+async def receive(request: Request, max_bytes: int, timeout_s: float, encoding: str | None = None,
+                  hold: Hold | None = None) -> bytes:  # fmt: skip
     """Counted chunk by chunk, so a lying or missing Content-Length cannot get more than max_bytes in; a
-    compressed body (`encoding` from `compression`) is limited both as sent and as inflated."""
+    compressed body (`encoding` from `compression`) is limited both as sent and as inflated. `hold` reserves
+    the most the body can grow to before a byte is read: its Content-Length, else max_bytes."""
     declared = request.headers.get("content-length", "")
     if is_byte_count(declared) and int(declared) > max_bytes:
         raise _too_large(int(declared), max_bytes)
+    if hold is not None:
+        hold(int(declared) if is_byte_count(declared) and encoding is None else max_bytes)
     inflate = None if encoding is None else Inflater(max_bytes)
     chunks, size = [], 0
     try:

@@ -41,6 +41,7 @@ class RequestContext:
     received_at: float  # loop.time()
     model: str | None = None
     depth: int | None = None
+    held_bytes: int = 0  # of the server's max_buffered_bytes, given back when the request ends
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,9 @@ class Service:
         self.statistics = Statistics()
         self.keys = KeyCheck(None, lambda: self.metrics.rejections.labels(NONE, "unauthorized").inc())
         self._metrics_server = None  # the metrics_port's server, when set
-        self.accounting = Accounting(self.metrics, self.statistics, settings.max_in_flight, lambda: refusal(self),
-                                     self._retry_after_s)  # fmt: skip
+        s = settings
+        self.accounting = Accounting(self.metrics, self.statistics, s.max_in_flight, s.max_buffered_bytes,
+                                     lambda: refusal(self), self._retry_after_s)  # fmt: skip
         self.metrics.latency_target.set(settings.latency_target_ms / 1000)
         self.metrics.watch_ready(lambda: is_ready(self))
         self._start_task: asyncio.Task | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -57,7 +59,8 @@ async def classify(request: Request) -> JSONResponse:
     svc, rid = service(request), request_id(request)
     with svc.accounting.track(rid, "classify") as ctx:
         s = svc.settings
-        body = await read_body(request, s.max_body_bytes, s.body_timeout_s, s.max_images_per_request)
+        hold = partial(svc.accounting.hold, ctx)
+        body = await read_body(request, s.max_body_bytes, s.body_timeout_s, s.max_images_per_request, hold)
         params = classify_params(request.query_params, body.fields)
         timeout_s = None if params.timeout_ms is None else params.timeout_ms / 1000
         infer = InferRequest(ctx, body.images, params.model, params.depth, timeout_s, params.top_k)

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(16, ge=1, description="image parts accepted in one multipart request")
     max_body_bytes: int = Field(16 * MiB, ge=1, description="request body limit, counted while streaming (413)")
+    max_buffered_bytes: int = Field(
+        64 * MiB,
+        ge=1,
+        description="request body bytes held at once across all HTTP requests: each reserves its Content-Length "
+        "(max_body_bytes when chunked or compressed) before its body is read; past it, 503 overloaded at once "
+        "(at least max_body_bytes)",
+    )
     max_json_body_bytes: int = Field(
         4 * MiB,
         ge=1,
@@ -156,6 +163,13 @@ class Settings(BaseSettings):
         ports = [p for p in (self.port, self.grpc_port, self.metrics_port) if p]
         if len(ports) != len(set(ports)):
             raise ValueError(f"port, grpc_port and metrics_port must differ, got {ports}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_body_fits(self):
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least max_body_bytes "
+                             f"({self.max_body_bytes}): a body of the largest size could never be read")  # fmt: skip
         return self
 
     @model_validator(mode="after")

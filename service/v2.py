@@ -11,11 +11,12 @@ a body may be sent gzip- or deflate-compressed, as tritonclient can.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from fastapi import APIRouter, Request, Response
 
 from service import health, oip
-from service.body import compression, is_byte_count, receive, unless_disconnected
+from service.body import Hold, compression, is_byte_count, receive, unless_disconnected
 from service.errors import BadRequest, ModelControlDisabled, PayloadTooLarge
 from service.http_context import service
 from service.http_errors import request_id
@@ -120,7 +121,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         served, fixed_depth = oip.resolve(svc.served, name, version)
         ctx.model, ctx.depth = served.name, fixed_depth  # a folder name's depth counts its failures too
         split = json_length(request.headers)
-        body = await receive_infer(request, svc.settings, split)
+        body = await receive_infer(request, svc.settings, split, partial(svc.accounting.hold, ctx))
         # json.loads and np.asarray of a big JSON tensor take long enough to stall health checks
         header, images = await svc.core.offload(parse_infer, body, split, served, svc.settings.max_images_per_request)
         params = _object(header.get("parameters"), '"parameters"')
@@ -142,16 +143,16 @@ def json_length(headers) -> int | None:
     return int(value)
 
 
-async def receive_infer(request: Request, s: Settings, split: int | None) -> bytes:
+async def receive_infer(request: Request, s: Settings, split: int | None, hold: Hold) -> bytes:
     """JSON is parsed into Python objects many times its size, so the JSON part has a lower limit than a
     body of binary tensors. A compressed body counts its inflated size against the limits while inflating."""
     encoding = compression(request.headers)
     if split is not None:
         if split > s.max_json_body_bytes:
             raise _json_too_large(s.max_json_body_bytes)
-        return await receive(request, s.max_body_bytes, s.body_timeout_s, encoding)
+        return await receive(request, s.max_body_bytes, s.body_timeout_s, encoding, hold)
     try:
-        return await receive(request, s.max_json_body_bytes, s.body_timeout_s, encoding)
+        return await receive(request, s.max_json_body_bytes, s.body_timeout_s, encoding, hold)
     except PayloadTooLarge:
         raise _json_too_large(s.max_json_body_bytes) from None
 

@@ -146,7 +146,7 @@ async def test_every_answer_feeds_the_auto_depth_and_the_pre_queue_average(core)
 
 
 def accounting(metrics: Metrics, refusal=None, max_in_flight: int = 2) -> Accounting:
-    return Accounting(metrics, Statistics(), max_in_flight, lambda: refusal, lambda: 3.0)
+    return Accounting(metrics, Statistics(), max_in_flight, 64 * 2**20, lambda: refusal, lambda: 3.0)
 
 
 def counted(metrics: Metrics, status: str, model: str = "", depth: str = "") -> float:
@@ -230,3 +230,19 @@ async def test_auto_requests_are_bounded_by_the_queue_wait_too(bounded):
     with pytest.raises(Overloaded, match="max_queue_wait_ms"):
         await bounded.infer(request(x, depth="auto"))
     assert bounded.batcher.calls == []
+
+
+async def test_body_bytes_are_held_until_the_request_ends_and_a_body_past_the_budget_is_refused():
+    metrics = Metrics()
+    acc = Accounting(metrics, Statistics(), 8, 100, lambda: None, lambda: 3.0)
+    with acc.track("g", "classify") as first:
+        acc.hold(first, 60)
+        with pytest.raises(Overloaded, match="max_buffered_bytes is 100") as refused, acc.track("h", "v2_http") as ctx:
+            acc.hold(ctx, 41)
+        assert refused.value.retry_after == 1 and acc.buffered_bytes == 60  # the refused one held nothing
+        with acc.track("i", "classify") as fits:
+            acc.hold(fits, 40)
+            assert acc.buffered_bytes == 100
+    assert acc.buffered_bytes == 0
+    rejected = metrics.registry.get_sample_value("srvit_rejections_total", {"model": "", "reason": "buffered_bytes"})
+    assert rejected == 1
