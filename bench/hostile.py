@@ -127,9 +127,18 @@ class Probe:
     protection refusing it first is a correct answer)."""
 
     name: str
-    send: Callable[[str, int], object]  # (host, port) -> awaitable Answer
+    path: str
+    headers: dict[str, str]
+    body: bytes | Callable[[], AsyncIterator[bytes]]  # a function: a fresh stream for every send
     expected: tuple[int, ...]
     may_shed: bool = True
+
+    async def send(self, host: str, port: int, request_id: str | None = None) -> Answer:
+        headers = self.headers | ({"X-Request-ID": request_id} if request_id else {})
+        return await post(host, port, self.path, headers, self.body if isinstance(self.body, bytes) else self.body())
+
+    def allows(self, status: int) -> bool:
+        return status in self.expected or (self.may_shed and status == 503)
 
 
 def _png(width: int, height: int) -> bytes:
@@ -166,7 +175,7 @@ def _multipart(parts: int) -> tuple[dict[str, str], bytes]:
     return {"Content-Type": f"multipart/form-data; boundary={boundary}"}, body + b"--%s--\r\n" % boundary.encode()
 
 
-def _v2_bytes(model: str, image: bytes) -> tuple[dict[str, str], bytes]:
+def _v2_bytes(image: bytes) -> tuple[dict[str, str], bytes]:
     """A V2 infer request with one BYTES image in the binary tensor extension, as tritonclient sends it."""
     element = struct.pack("<I", len(image)) + image
     header = {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
@@ -182,40 +191,29 @@ def probes(model: str, max_body_bytes: int) -> list[Probe]:
     classify, infer = "/classify", f"/v2/models/{model}/infer"
     huge = 4 * max_body_bytes
     bomb_png = _png_header(30_000, 30_000)
-    v2_headers, v2_body = _v2_bytes(model, bomb_png)
+    v2_headers, v2_body = _v2_bytes(bomb_png)
     mp_headers, mp_body = _multipart(40)
     gz_bomb = gzip.compress(bytes(huge), compresslevel=9)
 
-    def send(path, headers, body=b"", **kw):
-        return lambda host, port: post(host, port, path, headers, body() if callable(body) else body, **kw)
-
+    json_gzip = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    declared_huge = png | {"Content-Length": str(huge), "Expect": "100-continue"}
     return [
-        Probe("garbage bytes", send(classify, png, b"not an image at all " * 50), (400,)),
-        Probe("truncated PNG", send(classify, png, _png(64, 64)[:60]), (400,)),
-        Probe("refused format (TIFF)", send(classify, png, _tiff()), (415,)),
-        Probe("PNG declaring 900 megapixels", send(classify, png, bomb_png), (422,)),
-        Probe("1 x 100000 strip", send(classify, png, _png(1, 100_000)), (422,)),  # too many pixels once resized
-        Probe("wrong content type", send(classify, {"Content-Type": "text/plain"}, b"hello"), (415,)),
-        Probe("gzip on /classify", send(classify, png | {"Content-Encoding": "gzip"}, gzip.compress(b"x")), (415,)),
-        Probe("depth out of range", send(f"{classify}?depth=99", png, _png(8, 8)), (422,)),
-        Probe("40 image parts", send(classify, mp_headers, mp_body), (400,)),
-        Probe(
-            "declared 4x the body limit",
-            send(classify, png | {"Content-Length": str(huge), "Expect": "100-continue"}, lambda: zeros(huge)),
-            (413,),
-        ),  # fmt: skip
+        Probe("garbage bytes", classify, png, b"not an image at all " * 50, (400,)),
+        Probe("truncated PNG", classify, png, _png(64, 64)[:60], (400,)),
+        Probe("refused format (TIFF)", classify, png, _tiff(), (415,)),
+        Probe("PNG declaring 900 megapixels", classify, png, bomb_png, (422,)),
+        Probe("1 x 100000 strip", classify, png, _png(1, 100_000), (422,)),  # too many pixels once resized
+        Probe("wrong content type", classify, {"Content-Type": "text/plain"}, b"hello", (415,)),
+        Probe("gzip on /classify", classify, png | {"Content-Encoding": "gzip"}, gzip.compress(b"x"), (415,)),
+        Probe("depth out of range", f"{classify}?depth=99", png, _png(8, 8), (422,)),
+        Probe("40 image parts", classify, mp_headers, mp_body, (400,)),
+        Probe("declared 4x the body limit", classify, declared_huge, lambda: zeros(huge), (413,)),
         # The server answers 413 after max_body_bytes and closes while the client still sends: the client's socket
         # may be reset before it reads the answer (0), as with any HTTP/1.1 server that stops reading.
-        Probe("chunked 4x the body limit", send(classify, png, lambda: zeros(huge)), (413, 0)),
-        Probe(
-            "Content-Length shorter than the body", send(classify, png | {"Content-Length": "10"}, _png(32, 32)), (400,)
-        ),  # fmt: skip
-        Probe("V2: JSON that is not JSON", send(infer, {"Content-Type": "application/json"}, b"{inputs: ["), (400,)),
-        Probe("V2: BYTES image declaring 900 megapixels", send(infer, v2_headers, v2_body), (422,)),
-        Probe(
-            "V2: gzip bomb",
-            send(infer, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, gz_bomb),
-            (413,),
-        ),  # fmt: skip
-        Probe("V2: binary part shorter than declared", send(infer, v2_headers, v2_body[:-5]), (400,)),
+        Probe("chunked 4x the body limit", classify, png, lambda: zeros(huge), (413, 0)),
+        Probe("Content-Length shorter than the body", classify, png | {"Content-Length": "10"}, _png(32, 32), (400,)),
+        Probe("V2: JSON that is not JSON", infer, {"Content-Type": "application/json"}, b"{inputs: [", (400,)),
+        Probe("V2: BYTES image declaring 900 megapixels", infer, v2_headers, v2_body, (422,)),
+        Probe("V2: gzip bomb", infer, json_gzip, gz_bomb, (413,)),
+        Probe("V2: binary part shorter than declared", infer, v2_headers, v2_body[:-5], (400,)),
     ]
