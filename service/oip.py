@@ -186,11 +186,23 @@ def fp32_images(tensor: InputTensor, served: ServedModel) -> np.ndarray:
 
 
 def _float_elements(elements) -> np.ndarray:
-    """JSON or typed elements as float32; strings, booleans and objects are refused, not converted."""
-    data = np.asarray(elements)
-    if data.dtype.kind not in "iuf":
-        raise BadRequest(f"input data must be numbers, got elements of numpy kind {data.dtype.kind!r}")
-    return data.astype(np.float32)
+    """JSON `data` (flat or nested lists) or gRPC's typed fp32_contents as float32. JSON elements must be
+    numbers: booleans, strings, nulls and lists of the wrong shape are refused, never converted (numpy alone
+    would read [true, 0.5] as [1.0, 0.5]); an integer beyond int64 is still a number."""
+    if not isinstance(elements, list):
+        return np.asarray(elements, dtype=np.float32)  # typed contents: floats by construction
+    try:
+        flat = np.asarray(elements, dtype=object).ravel()
+    except ValueError as e:  # ragged nesting numpy cannot even hold as objects
+        raise BadRequest(f"input data must be a list of numbers ({e})") from None
+    kinds = set(map(type, flat))
+    if not kinds <= {int, float}:
+        shown = sorted(k.__name__ for k in kinds - {int, float})
+        raise BadRequest(f"input data must be numbers, got elements of type {', '.join(shown)}")
+    try:
+        return flat.astype(np.float64).astype(np.float32)  # past float32's range: infinity, refused by the caller
+    except OverflowError:  # an integer past float64's range
+        raise BadRequest("input data must be finite numbers within float32's range") from None
 
 
 def encoded_images(tensor: InputTensor, max_images: int) -> list[bytes]:
@@ -263,7 +275,7 @@ def timeout_s(timeout_us) -> float | None:
 
 def priority_param(value) -> int | None:
     """Triton's `priority`: 1 is the highest level, 0 (or none) the default; see PriorityPolicy for the rest."""
-    if value is None or value == 0:
+    if value is None or (is_int(value) and value == 0):  # not false or 0.0
         return None
     if not (is_int(value) and value > 0):
         raise InvalidParameter(f"parameter priority must be a non-negative integer (1 is the highest), got {value!r}")

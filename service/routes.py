@@ -35,7 +35,8 @@ ERRORS = {
 def _classify_openapi() -> dict:
     """The body is read by hand (to cap it while streaming), so its shapes are declared here for /docs."""
     binary = {"type": "string", "format": "binary"}
-    params = {name: {"type": "string", "description": f.description} for name, f in ClassifyParams.model_fields.items()}
+    fields = ClassifyParams.model_json_schema()["properties"]
+    params = {name: _param_schema(name, field) for name, field in fields.items()}
     multipart = {
         "type": "object",
         "properties": {IMAGE_FIELD: {"type": "array", "items": binary, "description": "one or more images"}, **params},
@@ -44,6 +45,14 @@ def _classify_openapi() -> dict:
     content = {kind: {"schema": binary} for kind in RAW_TYPES} | {MULTIPART: {"schema": multipart}}
     query = [{"name": n, "in": "query", "required": False, "schema": s} for n, s in params.items()]
     return {"requestBody": {"required": True, "content": content}, "parameters": query}
+
+
+def _param_schema(name: str, field: dict) -> dict:
+    """A parameter's own schema: its values without the `null` that stands for leaving it out (an empty
+    `depth=` is refused), depth's integers from 1."""
+    kinds = [k for k in field.get("anyOf", [field]) if k.get("type") != "null"]
+    kinds = [k | {"minimum": 1} if name == "depth" and k.get("type") == "integer" else k for k in kinds]
+    return {"description": field["description"], **(kinds[0] if len(kinds) == 1 else {"anyOf": kinds})}
 
 
 @router.post(

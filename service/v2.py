@@ -22,12 +22,41 @@ from service.http_context import service
 from service.http_errors import request_id
 from service.inference import Images, InferResult, ServedModel
 from service.lifecycle import Service
+from service.schemas import ErrorBody
 from service.settings import Settings
-
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REPOSITORY_BODY_BYTES = 4096  # {"repository_name": ..., "ready": true}
+
+
+def _errors(texts: dict[int, str]) -> dict:
+    return {status: {"model": ErrorBody, "description": text} for status, text in texts.items()}
+
+
+# Every V2 route can answer these (our error body, as /classify's); inference adds INFER_ERRORS.
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"], responses=_errors({
+    400: "bad_request (a malformed request), or model_control_disabled (load and unload)",
+    404: "model_not_found",
+    422: "invalid_parameter",
+    503: "not_ready (starting or draining)",
+}))  # fmt: skip
+INFER_ERRORS = _errors({
+    413: "payload_too_large (the body, or its JSON part, past its limit)",
+    415: "unsupported_media_type (Content-Encoding, or an image format outside the allowlist)",
+    422: "invalid_parameter (inputs, outputs, parameters), or image_too_large (pixel limit)",
+    503: "overloaded (with Retry-After) or not_ready",
+    504: "deadline_exceeded: the timeout parameter passed",
+})  # fmt: skip
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object", "description": "depth (1..max_depth or auto), timeout (us), priority"},
+        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"]}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+    }}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
+        f"the JSON request ({HEADER_LENGTH} bytes), then the binary tensors (binary tensor data extension)"}},
+}}}  # fmt: skip
 
 
 @router.get("", summary="Server metadata")
@@ -113,8 +142,9 @@ async def model_control(name: str) -> None:
 INFER_SUMMARY = "Inference on images: FP32 tensor `images` [n, C, H, W] or BYTES `image` (encoded files)"
 
 
-@router.post("/models/{name}/infer", summary=INFER_SUMMARY)
-@router.post("/models/{name}/versions/{version}/infer", summary=INFER_SUMMARY)
+@router.post("/models/{name}/infer", summary=INFER_SUMMARY, responses=INFER_ERRORS, openapi_extra=INFER_BODY)
+@router.post("/models/{name}/versions/{version}/infer", summary=INFER_SUMMARY, responses=INFER_ERRORS,
+             openapi_extra=INFER_BODY)  # fmt: skip
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     svc, rid = service(request), request_id(request)
     with svc.accounting.track(rid, "v2_http") as ctx:
