@@ -9,6 +9,7 @@ from bench.accuracy import run_accuracy
 from bench.load import run_load
 from bench.matrix import run_matrix
 from bench.memory import run_memory
+from bench.soak import run_soak
 from modelrepo.idx import FASHION_MNIST_DIR
 
 
@@ -54,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     memory.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, e.g. MALLOC_ARENA_MAX=2")
     memory.add_argument("--json", type=Path, default=None, help="also write the rounds to this JSON file")
 
+    soak = sub.add_parser("soak", help="start a server, send mixed traffic with faults on every protocol, check it")
+    soak.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository to serve")
+    soak.add_argument("--model", default=None, help="model name in the repository (default: the only one)")
+    soak.add_argument("--minutes", type=float, default=15.0, help="length of the measured soak")
+    soak.add_argument("--workers", type=int, default=16, help="clients sending at once (bursts come on top)")
+    soak.add_argument("--seed", type=int, default=0, help="seed of the traffic mix")
+    soak.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
+    soak.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+
 
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
@@ -93,4 +103,6 @@ def _cpus(text: str) -> set[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    return {"load": run_load, "accuracy": run_accuracy, "matrix": run_matrix, "memory": run_memory}[args.mode](args)
+    return {"load": run_load, "accuracy": run_accuracy, "matrix": run_matrix, "memory": run_memory, "soak": run_soak}[
+        args.mode
+    ](args)

@@ -34,6 +34,7 @@ class Server:
     process: subprocess.Popen
     env: dict[str, str]
     log: Path
+    grpc_port: int = 0  # 0: gRPC off
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).raise_for_status().text
@@ -58,11 +59,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(repo: Path, port: int) -> list[str]:
+def serve_command(repo: Path, port: int, grpc_port: int = 0) -> list[str]:
     """`python -m service` through this interpreter, so it runs the same installation as the benchmark, and
     without the umbrella `srvit` CLI: the benchmark needs only the server package installed beside it."""
     return [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port),
-            "--grpc-port", "0"]  # fmt: skip
+            "--grpc-port", str(grpc_port)]  # fmt: skip
 
 
 @contextmanager
@@ -80,15 +81,17 @@ def pinned(cpus: set[int] | None) -> Iterator[None]:
 
 
 @contextmanager
-def served(repo: Path, env: dict[str, str], cpus: set[int] | None = None,
-           ready_timeout_s: float = READY_TIMEOUT_S) -> Iterator[Server]:  # fmt: skip
-    """A server subprocess with exactly these SRVIT_* settings (the caller's own are dropped), ready."""
-    port = free_port()
+def served(repo: Path, env: dict[str, str], cpus: set[int] | None = None, ready_timeout_s: float = READY_TIMEOUT_S,
+           grpc: bool = False) -> Iterator[Server]:  # fmt: skip
+    """A server subprocess with exactly these SRVIT_* settings (the caller's own are dropped), ready; with
+    `grpc`, its gRPC port too (`Server.grpc_port`)."""
+    port, grpc_port = free_port(), free_port() if grpc else 0
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SRVIT_")}
     log = Path(tempfile.mkstemp(prefix="srvit-serve-", suffix=".log")[1])
     with pinned(cpus), log.open("wb") as out:  # the server and every thread it starts inherit the mask
-        process = subprocess.Popen(serve_command(repo, port), env=clean | env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, env, log)
+        command = serve_command(repo, port, grpc_port)
+        process = subprocess.Popen(command, env=clean | env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, env, log, grpc_port)
     try:
         wait_ready(server, ready_timeout_s)
         yield server

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from service.errors import ClientClosedRequest, NotReady, Overloaded, ServiceError
+from service.heap import HeapTrimmer
 from service.inference import RequestContext
 from service.metrics import NONE, Metrics
 from service.statistics import Statistics
@@ -32,6 +33,7 @@ class Accounting:
         self._refusal, self._retry_after_s = refusal, retry_after_s  # why the server takes no requests now
         self.in_flight = 0
         self.max_buffered_bytes, self.buffered_bytes = max_buffered_bytes, 0
+        self.heap = HeapTrimmer()
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -51,6 +53,7 @@ class Accounting:
             finally:
                 self.in_flight -= 1
                 self.buffered_bytes -= ctx.held_bytes
+                self.heap.released(ctx.held_bytes, idle=self.in_flight == 0)
                 if self.in_flight == 0:
                     self.idle.set()
             status = 200
