@@ -52,8 +52,21 @@ async def _open_and_warm(model: Model, depth: int, profile: LatencyProfile, devi
     for batch in warmup_sizes(s.warmup_batch_sizes, limit):
         ms = await device.call(warm_up, runtime, model.manifest.chw, len(model.labels), batch, s.warmup_runs)
         profile.record(depth, batch, ms)
+    check_watchdog_margin(model.name, depth, limit, ms, s.device_timeout_s)
     log.info("%s depth %d on %s: %s ms by batch size", model.name, depth, runtime.provider,
              profile.to_dict()[str(depth)])  # fmt: skip
+
+
+def check_watchdog_margin(name: str, depth: int, batch: int, ms: float, device_timeout_s: float) -> None:
+    """A full batch must run well inside device_timeout_s, or a busy but healthy device would be declared hung
+    and restarted under load: refuse to start with what to change (half the timeout leaves room for a
+    machine that is slower under load than at warm-up)."""
+    if ms > device_timeout_s * 1000 / 2:
+        raise RepositoryError(
+            f"{name} depth {depth}: a batch of {batch} took {ms:.0f} ms at warm-up, more than half of "
+            f"device_timeout_s ({device_timeout_s:g} s), so a healthy device could be declared hung: raise "
+            f"SRVIT_DEVICE_TIMEOUT_S above {ms * 2 / 1000:.0f} s or lower SRVIT_MAX_BATCH_SIZE"
+        )
 
 
 def make_preprocessor(model: Model, max_pixels: int) -> Preprocessor:

@@ -11,6 +11,7 @@ import pytest
 from sample_images import png
 
 import service.loading
+from service.repository import RepositoryError
 
 pytestmark = pytest.mark.anyio
 
@@ -96,3 +97,11 @@ async def test_a_failing_batch_fails_only_its_requests_with_500_and_the_next_bat
     assert (broken.status_code, body["code"], body["request_id"]) == (500, "internal", "r-1")
     assert "illegal memory" not in body["error"]  # the cause is logged, never shown
     assert after.status_code == 200 and live.status_code == 200
+
+
+async def test_a_device_timeout_a_full_batch_could_reach_stops_start_up_with_what_to_change(serving, slowed):
+    """Depth 3 at 30 ms an image: a batch of 4 takes 120 ms, more than half of a 0.2 s watchdog."""
+    slowed(10)
+    with pytest.raises(RepositoryError, match=r"tiny depth 3: a batch of 4 took \d+ ms .* SRVIT_DEVICE_TIMEOUT_S"):
+        async with serving(device_timeout_s=0.2, warmup_batch_sizes=(1, 4), max_batch_size=4):
+            pass
