@@ -72,7 +72,7 @@ class Workload:
         for probe in hostile.probes(self.model, self.max_body_bytes) if self.probes else []:
             answer = await probe.send(self.host, self.port)
             _count(probe, answer.status, statuses, unexpected)
-        await asyncio.sleep(0.5)  # let the server finish releasing what the last answers held
+        await asyncio.sleep(1.5)  # the last answers released, and the idle heap trim (at most once a second) done
         return Round(before, peak_mib(pid), rss_mib(pid), dict(statuses), unexpected)
 
     async def _photo(self, data: bytes, statuses: Counter, unexpected: list) -> None:

@@ -33,7 +33,7 @@ class Accounting:
         self._refusal, self._retry_after_s = refusal, retry_after_s  # why the server takes no requests now
         self.in_flight = 0
         self.max_buffered_bytes, self.buffered_bytes = max_buffered_bytes, 0
-        self.heap = HeapTrimmer()
+        self.heap = HeapTrimmer(is_idle=lambda: self.in_flight == 0)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -53,7 +53,7 @@ class Accounting:
             finally:
                 self.in_flight -= 1
                 self.buffered_bytes -= ctx.held_bytes
-                self.heap.released(ctx.held_bytes, idle=self.in_flight == 0)
+                self.heap.released(ctx.held_bytes)
                 if self.in_flight == 0:
                     self.idle.set()
             status = 200

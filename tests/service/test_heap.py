@@ -1,4 +1,5 @@
-"""The heap trimmer: after large bodies, only when no request is in progress, at most once a second."""
+"""The heap trimmer: after large bodies, only when no request is in progress, at most once a second, and a
+trim that comes too soon is put off, not dropped."""
 
 from __future__ import annotations
 
@@ -12,34 +13,39 @@ MiB = 1024 * 1024
 pytestmark = pytest.mark.anyio
 
 
-def trimmer(now: list[float]) -> tuple[HeapTrimmer, list[int]]:
+def trimmer(now: list[float], idle: list[bool]) -> tuple[HeapTrimmer, list[int]]:
     calls: list[int] = []
-    heap = HeapTrimmer(clock=lambda: now[0])
+    heap = HeapTrimmer(is_idle=lambda: idle[0], clock=lambda: now[0])
     heap._trim = calls.append  # the real malloc_trim returns pages; this one counts the calls
     return heap, calls
 
 
 async def test_a_trim_waits_for_enough_released_bytes_and_an_idle_server():
-    now = [100.0]
-    heap, calls = trimmer(now)
-    heap.released(TRIM_AFTER_BYTES - 1, idle=True)  # not enough yet
-    heap.released(8 * MiB, idle=False)  # enough, but requests are in progress: mid-burst
+    now, idle = [100.0], [True]
+    heap, calls = trimmer(now, idle)
+    heap.released(TRIM_AFTER_BYTES - 1)  # not enough yet
+    idle[0] = False
+    heap.released(8 * MiB)  # enough, but requests are in progress: mid-burst
     await asyncio.sleep(0.05)
     assert calls == []
-    heap.released(1000, idle=True)
+    idle[0] = True
+    heap.released(1000)
     await asyncio.sleep(0.05)
     assert calls == [0] and heap.trims == 1
 
 
-async def test_trims_are_at_most_once_a_second():
-    now = [100.0]
-    heap, calls = trimmer(now)
-    heap.released(TRIM_AFTER_BYTES, idle=True)
-    heap.released(TRIM_AFTER_BYTES, idle=True)  # the same instant: too soon
-    now[0] += MIN_INTERVAL_S
-    heap.released(0, idle=True)  # the bytes held back last time count now
+async def test_a_trim_due_too_soon_after_the_last_runs_once_the_interval_has_passed():
+    now, idle = [100.0], [True]
+    heap, calls = trimmer(now, idle)
+    heap.released(TRIM_AFTER_BYTES)
     await asyncio.sleep(0.05)
-    assert calls == [0, 0]
+    heap.released(TRIM_AFTER_BYTES)  # the same instant: too soon, put off for MIN_INTERVAL_S
+    heap.released(TRIM_AFTER_BYTES)  # still one put-off trim, not two
+    await asyncio.sleep(0.05)
+    assert calls == [0]
+    now[0] += MIN_INTERVAL_S
+    await asyncio.sleep(MIN_INTERVAL_S + 0.1)  # the loop's own timer fires
+    assert calls == [0, 0] and heap.trims == 2
 
 
 def test_glibc_s_malloc_trim_is_found_on_this_machine():
