@@ -175,11 +175,12 @@ def _multipart(parts: int) -> tuple[dict[str, str], bytes]:
     return {"Content-Type": f"multipart/form-data; boundary={boundary}"}, body + b"--%s--\r\n" % boundary.encode()
 
 
-def _v2_bytes(image: bytes) -> tuple[dict[str, str], bytes]:
-    """A V2 infer request with one BYTES image in the binary tensor extension, as tritonclient sends it."""
+def v2_bytes_request(image: bytes, **fields) -> tuple[dict[str, str], bytes]:
+    """A V2 infer request with one BYTES image in the binary tensor extension, as tritonclient sends it; `fields`
+    (id, parameters, outputs) join its JSON header."""
     element = struct.pack("<I", len(image)) + image
-    header = {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
-                          "parameters": {"binary_data_size": len(element)}}]}  # fmt: skip
+    header = {**fields, "inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                    "parameters": {"binary_data_size": len(element)}}]}  # fmt: skip
     text = json.dumps(header).encode()
     headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(text))}
     return headers, text + element
@@ -191,7 +192,7 @@ def probes(model: str, max_body_bytes: int) -> list[Probe]:
     classify, infer = "/classify", f"/v2/models/{model}/infer"
     huge = 4 * max_body_bytes
     bomb_png = _png_header(30_000, 30_000)
-    v2_headers, v2_body = _v2_bytes(bomb_png)
+    v2_headers, v2_body = v2_bytes_request(bomb_png)
     mp_headers, mp_body = _multipart(40)
     gz_bomb = gzip.compress(bytes(huge), compresslevel=9)
 

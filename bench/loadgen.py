@@ -42,6 +42,7 @@ class Result:
     depth_used: int | None = None
     index: int | None = None  # top-1 class index
     sent: float | None = None  # when it was handed to the client, if later than `started`
+    queue_ms: float | None = None  # the server's own `timing_ms.queue` of an answer
 
     @property
     def latency_s(self) -> float:
@@ -72,7 +73,7 @@ async def classify(client: aiohttp.ClientSession, target: Target, png: bytes, st
             depth, index = body.get("depth_used"), body["predictions"][0]["index"]
     except Exception as e:  # connection errors, timeouts, a 200 without the expected JSON
         return Result(started, clock(), f"error:{type(e).__name__}", sent=sent)
-    return Result(started, clock(), 200, depth, index, sent)
+    return Result(started, clock(), 200, depth, index, sent, body.get("timing_ms", {}).get("queue"))
 
 
 def _client(target: Target, connections: int) -> aiohttp.ClientSession:

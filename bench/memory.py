@@ -18,8 +18,8 @@ from bench.servers import served, served_model
 MiB = 1024 * 1024
 
 
-def status_kib(pid: int, key: str) -> int:
-    """A `VmRSS`-style line of /proc/<pid>/status, in KiB."""
+def proc_status(pid: int, key: str) -> int:
+    """The number on a line of /proc/<pid>/status: KiB for `VmRSS` and `VmHWM`, a count for `Threads`."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{key}:"):
             return int(line.split()[1])
@@ -27,12 +27,12 @@ def status_kib(pid: int, key: str) -> int:
 
 
 def rss_mib(pid: int) -> float:
-    return status_kib(pid, "VmRSS") / 1024
+    return proc_status(pid, "VmRSS") / 1024
 
 
 def peak_mib(pid: int) -> float:
     """The resident peak since the last `reset_peak` (VmHWM)."""
-    return status_kib(pid, "VmHWM") / 1024
+    return proc_status(pid, "VmHWM") / 1024
 
 
 def reset_peak(pid: int) -> None:

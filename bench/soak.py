@@ -17,11 +17,11 @@ import itertools
 import json
 import os
 import random
-import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -30,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from bench import hostile
 from bench.images import load_pngs
+from bench.memory import proc_status, rss_mib
 from bench.servers import served, served_model
 from modelrepo.idx import FASHION_MNIST_DIR
 
@@ -48,9 +49,8 @@ class Sample:
 
 
 def sample(pid: int, t0: float) -> Sample:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return Sample(time.monotonic() - t0, int(status["VmRSS"].split()[0]) / 1024, fds, int(status["Threads"]))
+    return Sample(time.monotonic() - t0, rss_mib(pid), fds, proc_status(pid, "Threads"))
 
 
 def slope_mib_per_min(samples: list[Sample]) -> float:
@@ -155,17 +155,10 @@ class Soak:
 
     async def good_v2_http(self, http, grpc) -> None:
         rid, (i, png), depth = self.new_id("good v2 http"), self._image(), self.rng.choice(DEPTH_CHOICES)
-        element = struct.pack("<I", len(png)) + png
-        header = json.dumps({
-            "id": rid,
-            "parameters": {"depth": depth if depth == "auto" else int(depth)},
-            "inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
-                        "parameters": {"binary_data_size": len(element)}}],
-            "outputs": [{"name": "logits", "parameters": {"classification": 1}}],
-        }).encode()  # fmt: skip
-        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header)),
-                   "X-Request-ID": rid}  # fmt: skip
-        async with http.post(f"{self.url}/v2/models/{self.model}/infer", data=header + element, headers=headers) as r:
+        top1 = [{"name": "logits", "parameters": {"classification": 1}}]
+        headers, data = hostile.v2_bytes_request(png, id=rid, parameters=_depth_parameter(depth), outputs=top1)
+        headers["X-Request-ID"] = rid
+        async with http.post(f"{self.url}/v2/models/{self.model}/infer", data=data, headers=headers) as r:
             status, body = r.status, await r.json()
         self.ledger.record(rid, "v2_http", status, _good_status(status, body))
         if status == 200:
@@ -187,8 +180,8 @@ class Soak:
         tensor = grpc_client.InferInput("image", [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[data]], dtype=object))
         output = grpc_client.InferRequestedOutput("logits", class_count=1)
-        params = {"depth": depth if depth == "auto" else int(depth)}
-        return await grpc.infer(model or self.model, [tensor], outputs=[output], request_id=rid, parameters=params)
+        return await grpc.infer(model or self.model, [tensor], outputs=[output], request_id=rid,
+                                parameters=_depth_parameter(depth))  # fmt: skip
 
     async def hostile_http(self, http, grpc) -> None:
         probe = self.rng.choice(self.probes)
@@ -224,6 +217,11 @@ class Soak:
             await call
 
 
+def _depth_parameter(depth: str) -> dict:
+    """The V2 `depth` parameter: an integer, or "auto"."""
+    return {"depth": depth if depth == "auto" else int(depth)}
+
+
 def _good_status(status: int, body: dict) -> bool:
     return status == 200 or (status, body.get("code")) in ALLOWED_5XX
 
@@ -250,8 +248,8 @@ def lost(sent: dict[str, str], logged: dict[str, list[int]]) -> list[str]:
 def run_soak_against(url: str, grpc_url: str, pid: int, log: Path, model: str, seconds: float, *, workers: int = 16,
                      burst_every_s: float = 15.0, seed: int = 0, images: int = 64) -> dict:  # fmt: skip
     """The soak against a running server (process `pid` on this machine, its JSON log at `log`): the report."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    soak = Soak(host, int(port), grpc_url, model, load_pngs(FASHION_MNIST_DIR, images)[0], seed=seed)
+    parts = urlsplit(url)
+    soak = Soak(parts.hostname, parts.port, grpc_url, model, load_pngs(FASHION_MNIST_DIR, images)[0], seed=seed)
     t0 = time.monotonic()
 
     segments = max(6, round(seconds / 30))

@@ -14,46 +14,19 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import aiohttp
+import httpx
+
+from bench.loadgen import Target, closed_loop, open_loop
+
+CLIENT_TIMEOUT_S = 300.0  # without a time bound, answers come tens of seconds late: wait for them
 
 
-async def classify(session: aiohttp.ClientSession, url: str, image: bytes, depth: int) -> tuple[int, dict]:
-    async with session.post(f"{url}/classify", params={"depth": str(depth)}, data=image,
-                            headers={"Content-Type": "image/jpeg"}) as r:  # fmt: skip
-        return r.status, await r.json()
-
-
-async def models(url: str) -> list[dict]:
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/v1/models") as r:
-        return (await r.json())["models"]
-
-
-async def capacity(url: str, image: bytes, depth: int, seconds: float, concurrency: int = 32) -> float:
+def capacity(target: Target, image: bytes, seconds: float, concurrency: int = 32) -> float:
     """Answered requests per second, closed loop."""
-    done, stop = [0], time.perf_counter() + seconds
-
-    async def worker(session):
-        while time.perf_counter() < stop:
-            status, _ = await classify(session, url, image, depth)
-            done[0] += status == 200
-
-    async with aiohttp.ClientSession() as session:
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker(session) for _ in range(concurrency)])
-        return done[0] / (time.perf_counter() - t0)
-
-
-async def overload(url: str, image: bytes, depth: int, rate: float, seconds: float) -> list[tuple[int, dict]]:
-    """Open loop: a request every 1/rate s whatever the answers."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        tasks, t0 = [], time.perf_counter()
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(classify(session, url, image, depth)))
-        return await asyncio.gather(*tasks)
+    run = asyncio.run(closed_loop(target, [image], concurrency, seconds))
+    return sum(r.status == 200 for r in run.results) / seconds
 
 
 def main() -> int:
@@ -67,16 +40,17 @@ def main() -> int:
     parser.add_argument("--rate", type=float, help="offer this many requests/s instead of 1.5x the measured capacity")
     args = parser.parse_args()
     image = args.image.read_bytes()
-    (model,) = asyncio.run(models(args.url))
+    (model,) = httpx.get(f"{args.url}/v1/models", timeout=10).raise_for_status().json()["models"]
+    target = Target(args.url, str(args.depth), timeout_s=CLIENT_TIMEOUT_S)
     depth = next(d for d in model["depths"] if d["depth"] == args.depth)
     limit = depth["max_batch_size"]
     batch_ms = max(float(v) for v in depth["latency_ms"].values())  # the largest batch warm-up timed
-    rate = args.rate or 1.5 * asyncio.run(capacity(args.url, image, args.depth, args.seconds / 2, args.concurrency))
-    answers = asyncio.run(overload(args.url, image, args.depth, rate, args.seconds))
-    served = [body for status, body in answers if status == 200]
-    codes = sorted({status for status, _ in answers})
-    waits = sorted(body["timing_ms"]["queue"] for body in served)
-    refused = sum(status == 503 for status, _ in answers)
+    rate = args.rate or 1.5 * capacity(target, image, args.seconds / 2, args.concurrency)
+    answers = asyncio.run(open_loop(target, [image], rate, args.seconds)).results  # a request every 1/rate s
+    served = [r for r in answers if r.status == 200]
+    codes = sorted({str(r.status) for r in answers})
+    waits = sorted(r.queue_ms for r in served)
+    refused = sum(r.status == 503 for r in answers)
     print(f"depth {args.depth}: batch limit {limit}, one full batch ~{batch_ms:.0f} ms (warm-up)")
     how = "as asked" if args.rate else "1.5x the measured capacity"
     print(f"offered {rate:.1f} req/s ({how}) for {args.seconds:.0f} s: {len(answers)} sent, "

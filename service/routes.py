@@ -16,7 +16,15 @@ from service.errors import InvalidParameter
 from service.http_context import service
 from service.http_errors import invalid_parameter, request_id
 from service.inference import ImageResult, InferRequest, InferResult
-from service.schemas import Classification, Classifications, ClassifyParams, ErrorBody, ModelList, Status
+from service.schemas import (
+    Classification,
+    Classifications,
+    ClassifyParams,
+    ErrorBody,
+    ModelList,
+    Status,
+    error_responses,
+)
 
 router = APIRouter()
 
@@ -58,7 +66,7 @@ def _param_schema(name: str, field: dict) -> dict:
 @router.post(
     "/classify",
     response_model=Classification | Classifications,
-    responses={status: {"model": ErrorBody, "description": text} for status, text in ERRORS.items()},
+    responses=error_responses(ERRORS),
     openapi_extra=_classify_openapi(),
     summary="Classify one image (raw body) or several (multipart `image` parts)",
     description="One image answers with one Classification; a multipart body with several `image` parts answers "

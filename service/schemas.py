@@ -69,6 +69,11 @@ class ErrorBody(BaseModel):
     request_id: str
 
 
+def error_responses(texts: dict[int, str]) -> dict:
+    """OpenAPI `responses` for these statuses, each answered with our error body."""
+    return {status: {"model": ErrorBody, "description": text} for status, text in texts.items()}
+
+
 class DepthInfo(BaseModel):
     depth: int
     accuracy: dict | None = Field(description="held-out top-1 from the manifest, or null when none was measured")

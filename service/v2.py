@@ -22,25 +22,21 @@ from service.http_context import service
 from service.http_errors import request_id
 from service.inference import Images, InferResult, ServedModel
 from service.lifecycle import Service
-from service.schemas import ErrorBody
+from service.schemas import error_responses
 from service.settings import Settings
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REPOSITORY_BODY_BYTES = 4096  # {"repository_name": ..., "ready": true}
 
 
-def _errors(texts: dict[int, str]) -> dict:
-    return {status: {"model": ErrorBody, "description": text} for status, text in texts.items()}
-
-
 # Every V2 route can answer these (our error body, as /classify's); inference adds INFER_ERRORS.
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"], responses=_errors({
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"], responses=error_responses({
     400: "bad_request (a malformed request), or model_control_disabled (load and unload)",
     404: "model_not_found",
     422: "invalid_parameter",
     503: "not_ready (starting or draining)",
 }))  # fmt: skip
-INFER_ERRORS = _errors({
+INFER_ERRORS = error_responses({
     413: "payload_too_large (the body, or its JSON part, past its limit)",
     415: "unsupported_media_type (Content-Encoding, or an image format outside the allowlist)",
     422: "invalid_parameter (inputs, outputs, parameters), or image_too_large (pixel limit)",
