@@ -10,6 +10,7 @@ import torch
 
 from export.errors import ExportError
 from export.onnx_graph import INPUT, OPSET, OUTPUT
+from modelrepo.adaptive import AdaptivePolicy
 from modelrepo.manifest import FileEntry, Manifest, ManifestError, Preprocessing, TensorSpec, model_file
 from srvit.model import SRViTConfig
 
@@ -41,7 +42,8 @@ def signature(cfg: SRViTConfig) -> tuple[TensorSpec, TensorSpec]:
 
 def build_manifest(*, name: str, triton_name: str, version: int, depth: int, platform: str, max_batch: int,
                    meta: dict, cfg: SRViTConfig, checkpoint: dict, versions: dict, parity: dict,
-                   accuracy: dict | None, files: dict[str, FileEntry], tensorrt: dict | None) -> Manifest:  # fmt: skip
+                   accuracy: dict | None, files: dict[str, FileEntry], tensorrt: dict | None, flops: int,
+                   calibration: dict | None, adaptive: AdaptivePolicy | None) -> Manifest:  # fmt: skip
     """Checked as the server will check it (`Manifest.from_dict`): a manifest the server would refuse is a bug
     here, raised as ExportError before anything is published."""
     inp, out = signature(cfg)
@@ -50,7 +52,7 @@ def build_manifest(*, name: str, triton_name: str, version: int, depth: int, pla
         platform=platform, model_file=model_file(version, platform), max_batch_size=max_batch, input=inp,
         output=out, labels=tuple(meta["labels"]), preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
         config=cfg.to_dict(), checkpoint=checkpoint, opset=OPSET, versions=versions, parity=parity,
-        accuracy=accuracy, files=files, tensorrt=tensorrt,
+        accuracy=accuracy, files=files, tensorrt=tensorrt, flops=flops, calibration=calibration, adaptive=adaptive,
     )  # fmt: skip
     try:
         return Manifest.from_dict(manifest.to_dict())

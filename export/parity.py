@@ -55,11 +55,15 @@ def require(result: dict, what: str, atol: float | None, min_agreement: float) -
         )
 
 
-def top1(run: Runner, ds: Dataset, batch: int, split: str) -> dict:
-    """Top-1 accuracy over the whole split, as the manifest records it."""
-    correct = seen = 0
+def heldout_logits(run: Runner, ds: Dataset, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [N, classes] and labels [N] over the whole split, in its order."""
+    outputs, targets = [], []
     for images, labels in DataLoader(ds, batch_size=batch):
-        out = run(np.ascontiguousarray(images.numpy().astype(np.float32, copy=False)))
-        correct += int((out.argmax(-1) == labels.numpy()).sum())
-        seen += len(labels)
-    return {"top1": round(correct / seen, 4), "images": seen, "split": split}
+        outputs.append(run(np.ascontiguousarray(images.numpy().astype(np.float32, copy=False))))
+        targets.append(labels.numpy())
+    return np.concatenate(outputs), np.concatenate(targets)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray, split: str) -> dict:
+    """Top-1 accuracy over the whole split, as the manifest records it."""
+    return {"top1": round(float((logits.argmax(-1) == labels).mean()), 4), "images": len(labels), "split": split}

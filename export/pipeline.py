@@ -7,15 +7,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from rich.console import Console
 from safetensors import SafetensorError
+from torch.utils.flop_counter import FlopCounterMode
 
 from export import parity as checks
+from export.calibration import Calibration, calibrate
 from export.errors import ExportError
 from export.manifest import build_manifest, software_versions
 from export.onnx_graph import check_graph, trace
 from export.publish import publish, remove_stale, staging
-from export.report import Steps, summary_table
+from export.report import Steps, calibration_tables, summary_table
 from export.samples import Samples, find_samples
 from export.triton import config_pbtxt
 from modelrepo.files import file_entries, sha256_file
@@ -38,6 +42,7 @@ from srvit.model import SRViT, SRViTConfig
 PRECISIONS = ("fp32", "fp16")
 MAX_ATOL = 1e-4  # the parity gate of ONNX Runtime vs PyTorch: --atol may tighten it, never loosen it
 STEPS_PER_DEPTH, TRT_STEPS_PER_DEPTH = 4, 3
+FIXED_STEPS = 3  # count FLOPs, calibrate, publish
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,26 @@ class Job:
         return c.in_chans, c.img_size, c.img_size
 
 
+@dataclass(frozen=True)
+class Folder:
+    """One checked model folder, its manifest still to write: calibration needs every depth first."""
+
+    path: Path
+    depth: int
+    platform: str
+    parity: dict
+    accuracy: dict | None
+    tensorrt: dict | None = None
+
+
+@dataclass(frozen=True)
+class Heldout:
+    """One depth's ONNX Runtime logits on the whole held-out split, and its labels, for calibration."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+
 def export_checkpoint(
     checkpoint: Path, name: str, repo: Path, version: int = 1, depths: list[int] | None = None,
     max_batch: int = 64, trt: bool = False, precision: str = "fp32", data: Path | None = FASHION_MNIST_DIR,
@@ -82,13 +107,45 @@ def export_checkpoint(
     samples = find_samples(meta, model.cfg, data, parity_images)
     ckpt = {"file": checkpoint.name, "sha256": sha256_file(checkpoint)}
     job = Job(name, version, max_batch, precision, atol, repo, model, meta, ckpt, samples, tensorrt)
-    total = 1 + len(depths) * (STEPS_PER_DEPTH + TRT_STEPS_PER_DEPTH * trt)
+    total = FIXED_STEPS + len(depths) * (STEPS_PER_DEPTH + TRT_STEPS_PER_DEPTH * trt)
     with Steps(console, total) as steps, staging(repo, name) as stage:
         if samples.heldout is None:
             steps.note(f"[yellow]warning:[/] parity runs on {samples.source}; accuracy will not be measured")
-        rows = [row for depth in depths for row in export_depth(job, depth, stage, steps)]
+        rows, folders, heldout = [], [], {}
+        for depth in depths:
+            depth_rows, depth_folders, heldout[depth] = export_depth(job, depth, stage, steps)
+            rows, folders = rows + depth_rows, folders + depth_folders
+        with steps.step(f"count FLOPs per image at depths {depths}"):
+            flops = {depth: count_flops(model, depth, job.chw) for depth in depths}
+        calibration = calibrate_depths(job, heldout, flops, steps)
+        for folder in folders:
+            write_folder(job, folder, flops[folder.depth], calibration)
         publish_all(job, stage, steps, len(rows))
     return rows
+
+
+def count_flops(model: SRViT, depth: int, chw: tuple[int, int, int]) -> int:
+    """FLOPs of one image at `depth` (matmuls and convolutions, 2 per multiply-add), as torch counts them."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *chw), depth)
+    return int(counter.get_total_flops())
+
+
+def calibrate_depths(job: Job, heldout: dict[int, Heldout | None], flops: dict[int, int],
+                     steps: Steps) -> Calibration | None:  # fmt: skip
+    """Temperatures and the adaptive policy from the held-out logits; None (no policy) without held-out data or
+    with fewer than two depths."""
+    if job.samples.heldout is None or len(heldout) < 2:
+        steps.skip("calibrate: skipped (needs held-out data and at least two depths); no adaptive policy")
+        return None
+    first = next(iter(heldout.values()))
+    with steps.step(f"calibrate and fit the adaptive policy on {job.samples.split}"):
+        result = calibrate({d: h.logits for d, h in heldout.items()}, first.labels, flops, job.samples.split)
+    for table in calibration_tables(result, flops):
+        steps.note(table)
+    if result.policy is None:
+        steps.note("[yellow]warning:[/] no policy keeps top-1 within the tolerance; depth=adaptive will be refused")
+    return result
 
 
 def publish_all(job: Job, stage: Path, steps: Steps, folders: int) -> None:
@@ -163,8 +220,9 @@ def check_depths(depths: list[int] | None, max_depth: int) -> list[int]:
     return depths
 
 
-def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
-    """One depth's ONNX model folder, checked step by step, and its TensorRT folder if asked for."""
+def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> tuple[list[dict], list[Folder], Heldout | None]:
+    """One depth's ONNX model folder, checked step by step, and its TensorRT folder if asked for: their summary
+    rows and folders (manifests not yet written), and the ONNX logits on held-out data when there is some."""
     t0 = time.perf_counter()
     folder = stage / folder_name(job.name, depth, ONNX)
     model_path = folder / model_file(job.version, ONNX)
@@ -180,15 +238,17 @@ def export_depth(job: Job, depth: int, stage: Path, steps: Steps) -> list[dict]:
         result = checks.compare(ort_logits, torch_logits)
         checks.require(result, f"depth {depth}, ONNX Runtime vs PyTorch", job.atol, 1.0)
     with steps.step(f"d{depth}: top-1 accuracy with ONNX Runtime {_on(job.samples)}"):
-        accuracy = heldout_accuracy(run, job)
-    write_folder(job, folder, depth, ONNX, _parity(job, "pytorch", result, job.atol), accuracy)
+        heldout = heldout_logits(run, job)
+        accuracy = None if heldout is None else checks.top1(heldout.logits, heldout.labels, job.samples.split)
+    folders = [Folder(folder, depth, ONNX, _parity(job, "pytorch", result, job.atol), accuracy)]
     rows = [_row(job, folder, depth, ONNX, result, accuracy, t0)]
     if job.tensorrt is not None:
-        rows.append(export_engine(job, depth, model_path, ort_logits, stage, steps))
-    return rows
+        row, engine_folder = export_engine(job, depth, model_path, ort_logits, stage, steps)
+        rows, folders = rows + [row], folders + [engine_folder]
+    return rows, folders, heldout
 
 
-def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path, steps: Steps) -> dict:
+def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path, steps: Steps) -> tuple[dict, Folder]:
     """A TensorRT engine from the checked ONNX graph, held to ONNX Runtime's logits on the same images."""
     trt, t0 = _tensorrt(), time.perf_counter()
     folder = stage / folder_name(job.name, depth, TENSORRT)
@@ -202,42 +262,37 @@ def export_engine(job: Job, depth: int, onnx_path: Path, ort_logits, stage: Path
             what = f"depth {depth}, TensorRT {job.precision} vs ONNX Runtime"
             checks.require(result, what, *trt.PARITY[job.precision])
         with steps.step(f"d{depth}: top-1 accuracy with TensorRT {_on(job.samples)}"):
-            accuracy = heldout_accuracy(run, job)
+            heldout = heldout_logits(run, job)
+            accuracy = None if heldout is None else checks.top1(heldout.logits, heldout.labels, job.samples.split)
     engine_info = {**job.tensorrt, "precision": job.precision, "profile": trt.profile(job.max_batch)}
-    write_folder(
-        job,
-        folder,
-        depth,
-        TENSORRT,
-        _parity(job, "onnxruntime", result, trt.PARITY[job.precision][0]),
-        accuracy,
-        engine_info,
-    )
-    return _row(job, folder, depth, TENSORRT, result, accuracy, t0)
+    parity = _parity(job, "onnxruntime", result, trt.PARITY[job.precision][0])
+    folder_record = Folder(folder, depth, TENSORRT, parity, accuracy, engine_info)
+    return _row(job, folder, depth, TENSORRT, result, accuracy, t0), folder_record
 
 
-def heldout_accuracy(run: checks.Runner, job: Job) -> dict | None:
+def heldout_logits(run: checks.Runner, job: Job) -> Heldout | None:
     if job.samples.heldout is None:
         return None
-    return checks.top1(run, job.samples.heldout, job.max_batch, job.samples.split)
+    return Heldout(*checks.heldout_logits(run, job.samples.heldout, job.max_batch))
 
 
 def _on(samples: Samples) -> str:
     return f"on {samples.split}" if samples.heldout is not None else "skipped: no held-out data"
 
 
-def write_folder(job: Job, folder: Path, depth: int, platform: str, parity: dict, accuracy: dict | None,
-                 tensorrt: dict | None = None) -> None:  # fmt: skip
+def write_folder(job: Job, f: Folder, flops: int, calibration: Calibration | None) -> None:
     """labels.txt, config.pbtxt and last the manifest, whose checksums cover the other files."""
-    cfg = job.model.cfg
+    cfg, folder = job.model.cfg, f.path
     (folder / LABELS_FILE).write_text("".join(f"{label}\n" for label in job.meta["labels"]))
-    (folder / CONFIG_FILE).write_text(config_pbtxt(folder.name, platform, job.max_batch, job.chw, cfg.num_classes))
-    files = file_entries(folder, [CONFIG_FILE, LABELS_FILE, model_file(job.version, platform)])
+    (folder / CONFIG_FILE).write_text(config_pbtxt(folder.name, f.platform, job.max_batch, job.chw, cfg.num_classes))
+    files = file_entries(folder, [CONFIG_FILE, LABELS_FILE, model_file(job.version, f.platform)])
     manifest = build_manifest(
-        name=job.name, triton_name=folder.name, version=job.version, depth=depth, platform=platform,
+        name=job.name, triton_name=folder.name, version=job.version, depth=f.depth, platform=f.platform,
         max_batch=job.max_batch, meta=job.meta, cfg=cfg, checkpoint=job.checkpoint,
-        versions=software_versions(tensorrt and tensorrt["version"]), parity=parity, accuracy=accuracy,
-        files=files, tensorrt=tensorrt,
+        versions=software_versions(f.tensorrt and f.tensorrt["version"]), parity=f.parity, accuracy=f.accuracy,
+        files=files, tensorrt=f.tensorrt, flops=flops,
+        calibration=None if calibration is None else calibration.calibration[f.depth],
+        adaptive=None if calibration is None else calibration.policy,
     )  # fmt: skip
     dump_manifest(manifest, folder)
 

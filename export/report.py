@@ -41,7 +41,13 @@ class Steps:
         self.note(f"[green]✓[/] {label} [dim]({time.perf_counter() - t0:.1f} s)[/]")
         self.progress.advance(self.task)
 
-    def note(self, text: str) -> None:
+    def skip(self, label: str) -> None:
+        """A step that had nothing to do: noted, and counted as done."""
+        self.note(f"[yellow]-[/] {label}")
+        self.progress.advance(self.task)
+
+    def note(self, text) -> None:
+        """A line of text, or any rich renderable (a table)."""
         if self.console is not None:
             self.progress.console.print(text)
 
@@ -58,6 +64,37 @@ def summary_table(rows: list[dict]) -> Table:
         parity = f"{r['max_abs_diff']:.1e} / {r['top1_agreement']:.1%}"
         table.add_row(str(r["depth"]), r["file"], _size(r["size_bytes"]), parity, accuracy, f"{r['seconds']:.1f} s")
     return table
+
+
+def calibration_tables(result, flops: dict[int, int]) -> list[Table]:
+    """Per depth: cost, temperature and expected calibration error; then the candidate policies' frontier on the
+    fit half, with the same policies' figures on the check half, the chosen one marked."""
+    per_depth = Table(title="calibration (ECE: expected calibration error, fit half / check half)")
+    for column in ("depth", "GFLOPs", "temperature", "ECE before", "ECE after"):
+        per_depth.add_column(column, justify="right")
+    for depth, r in result.calibration.items():
+        before, after = r["ece_before"], r["ece_after"]
+        ece = [f"{e['fit']:.4f} / {e['check']:.4f}" for e in (before, after)]
+        per_depth.add_row(str(depth), f"{flops[depth] / 1e9:.4f}", f"{r['temperature']:.3f}", *ece)
+    frontier = Table(title="adaptive policies: top-1 and compute (fraction of the deepest depth's FLOPs)")
+    for column in (
+        "",
+        "stages (depth@threshold)",
+        "answer",
+        "fit top-1",
+        "fit compute",
+        "check top-1",
+        "check compute",
+    ):
+        frontier.add_column(column, justify="right")
+    chosen = (result.policy.stages, result.policy.combine) if result.policy is not None else None
+    for c in result.frontier:
+        stages = " → ".join(f"{s.depth}" + ("" if s.threshold is None else f"@{s.threshold:.2f}")
+                            for s in c.policy.stages)  # fmt: skip
+        mark = "chosen" if (c.policy.stages, c.policy.combine) == chosen else ""
+        frontier.add_row(mark, stages, c.policy.combine, f"{c.fit['top1']:.2%}",
+                         f"{c.fit['compute']:.3f}", f"{c.check['top1']:.2%}", f"{c.check['compute']:.3f}")  # fmt: skip
+    return [per_depth, frontier]
 
 
 def _size(n: int) -> str:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "srvit-manifest/1"
+from modelrepo.adaptive import AdaptivePolicy
+
+FORMAT = "srvit-manifest/2"  # /2 added flops, calibration and the adaptive policy
+FORMATS = ("srvit-manifest/1", FORMAT)  # what loads: a /1 manifest serves every depth but `adaptive`
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"  # Triton's model config
 LABELS_FILE = "labels.txt"  # one label per line: config.pbtxt's label_filename
@@ -173,6 +176,10 @@ class Manifest:
     parity: dict | None = None
     accuracy: dict | None = None  # {"top1", "images", "split"}, or None when no held-out data was measured
     tensorrt: dict | None = None  # {"version", "gpu", "compute_capability", "precision", "profile"}
+    flops: int | None = None  # per image at this depth, counted on the model (format /2)
+    calibration: dict | None = None  # {"temperature", "ece_before", "ece_after", ...} for this depth (format /2)
+    adaptive: AdaptivePolicy | None = None  # the model's policy, equal in every depth (format /2)
+    format: str = FORMAT
     extra: dict = field(default_factory=dict)  # keys a later exporter added: kept, so `dump` loses nothing
 
     # -- what the server asks of a manifest -------------------------------------------------------
@@ -196,7 +203,7 @@ class Manifest:
         """What every depth of one model must agree on: one export of one checkpoint."""
         return {"version": self.version, "max_depth": self.max_depth, "input": self.input, "output": self.output,
                 "labels": self.labels, "preprocessing": self.preprocessing,
-                "checkpoint": self.checkpoint_sha256}  # fmt: skip
+                "checkpoint": self.checkpoint_sha256, "adaptive": self.adaptive}  # fmt: skip
 
     # -- reading and writing ----------------------------------------------------------------------
 
@@ -206,9 +213,12 @@ class Manifest:
         problems = _problems(raw)
         if problems:
             raise ManifestError("; ".join(problems))
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"format"}
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        adaptive = raw.get("adaptive")
         return cls(
             **{key: raw.get(key) for key in _OPTIONAL},
+            adaptive=None if adaptive is None else AdaptivePolicy.from_dict(adaptive),
+            format=raw["format"],
             **{
                 key: raw[key]
                 for key in ("name", "version", "depth", "max_depth", "platform", "model_file", "max_batch_size")
@@ -224,19 +234,26 @@ class Manifest:
     def to_dict(self) -> dict:
         """In docs/model_repo.md's order, JSON-ready."""
         return {
-            "format": FORMAT, "name": self.name, "triton_name": self.triton_name, "version": self.version,
+            "format": self.format, "name": self.name, "triton_name": self.triton_name, "version": self.version,
             "depth": self.depth, "max_depth": self.max_depth, "platform": self.platform,
             "model_file": self.model_file, "max_batch_size": self.max_batch_size, "input": self.input.to_dict(),
             "output": self.output.to_dict(), "labels": list(self.labels),
             "preprocessing": self.preprocessing.to_dict(), "config": self.config, "checkpoint": self.checkpoint,
             "opset": self.opset, "versions": self.versions, "parity": self.parity, "accuracy": self.accuracy,
+            **(self._format2() if self.format == FORMAT else {}),
             "files": {rel: entry.to_dict() for rel, entry in self.files.items()}, "tensorrt": self.tensorrt,
             **self.extra,
         }  # fmt: skip
 
+    def _format2(self) -> dict:
+        """The keys format /2 added; a /1 manifest dumps back without them, byte for byte."""
+        adaptive = None if self.adaptive is None else self.adaptive.to_dict()
+        return {"flops": self.flops, "calibration": self.calibration, "adaptive": adaptive}
 
-_OPTIONAL = ("triton_name", "config", "checkpoint", "opset", "versions", "parity", "accuracy", "tensorrt")
-_RECORDS = ("config", "checkpoint", "versions", "parity", "accuracy", "tensorrt")  # objects, or absent/null
+
+_OPTIONAL = ("triton_name", "config", "checkpoint", "opset", "versions", "parity", "accuracy", "tensorrt", "flops",
+             "calibration")  # fmt: skip
+_RECORDS = ("config", "checkpoint", "versions", "parity", "accuracy", "tensorrt", "calibration")  # objects or null
 
 
 def manifest_paths(repo: Path) -> list[Path]:
@@ -260,8 +277,9 @@ def dump(manifest: Manifest, folder: Path) -> Path:
 
 
 def _problems(m: Any) -> list[str]:
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        return [f"not a {FORMAT} manifest (format {m.get('format') if isinstance(m, dict) else None!r})"]
+    if not isinstance(m, dict) or m.get("format") not in FORMATS:
+        found = m.get("format") if isinstance(m, dict) else None
+        return [f"not a srvit manifest of format srvit-manifest/1 or /2 (format {found!r})"]
     missing = [key for key in REQUIRED if key not in m]
     if missing:
         return [f"missing keys {missing}"]
@@ -279,6 +297,7 @@ def _problems(m: Any) -> list[str]:
         (all(m.get(key) is None or isinstance(m[key], dict) for key in _RECORDS),
          f"{', '.join(_RECORDS)} must each be an object or null"),
         (m.get("triton_name") is None or isinstance(m["triton_name"], str), "triton_name must be a string"),
+        (m.get("flops") is None or _positive_int(m["flops"]), f"flops {m.get('flops')!r} is not a positive integer"),
         (isinstance(m["files"], dict), "files must map each relative path to {'sha256', 'size_bytes'}"),
         (isinstance(m["files"], dict) and m["model_file"] in m["files"],
          f"model_file {m['model_file']!r} has no checksum in 'files'"),
@@ -291,7 +310,20 @@ def _problems(m: Any) -> list[str]:
             return [str(e)]
         if preprocessing.shape != tuple(m["input"]["shape"][1:]):
             problems.append(f"preprocessing makes {list(preprocessing.shape)} but the input is {m['input']['shape']}")
+        problems += _adaptive_problems(m)
     return problems
+
+
+def _adaptive_problems(m: dict) -> list[str]:
+    if m.get("adaptive") is None:
+        return []
+    try:
+        policy = AdaptivePolicy.from_dict(m["adaptive"])
+    except ValueError as e:
+        return [str(e)]
+    if policy.depths[-1] > m["max_depth"]:
+        return [f"the adaptive policy's depths {list(policy.depths)} go past max_depth {m['max_depth']}"]
+    return []
 
 
 def _is_int(value) -> bool:

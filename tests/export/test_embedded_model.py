@@ -33,10 +33,19 @@ def test_the_committed_repo_holds_every_depth_of_the_committed_checkpoint():
         assert m["parity"]["images"] >= 256 and m["accuracy"]["images"] == 10_000
 
 
-def test_reexporting_a_depth_gives_the_same_graph_and_figures(tmp_path):
-    export_checkpoint(CHECKPOINT, "srvit_fashion", tmp_path, depths=[2])
-    ours = json.loads((tmp_path / "srvit_fashion_d2" / "manifest.json").read_text())
-    theirs = committed(2)
+def test_reexporting_depths_gives_the_same_graphs_figures_and_calibration(tmp_path):
+    export_checkpoint(CHECKPOINT, "srvit_fashion", tmp_path, depths=[1, 3])
+    ours = json.loads((tmp_path / "srvit_fashion_d3" / "manifest.json").read_text())
+    theirs = committed(3)
+    assert ours["flops"] == theirs["flops"]
+    # Temperatures are fitted per depth on the same half of the split, so they repeat; the policy is fitted
+    # over the depths exported, here 1 then 3.
+    assert ours["calibration"]["temperature"] == pytest.approx(theirs["calibration"]["temperature"], rel=0.02)
+    stages = ours["adaptive"]["stages"]
+    assert [s["depth"] for s in stages] == [1, 3] and 0 < stages[0]["threshold"] < 1
+    expected = ours["adaptive"]["expected"]
+    assert expected["fit"]["top1"] >= expected["deepest_top1"]["fit"] - 0.0005 - 1e-9
+    assert expected["fit"]["compute"] < 1 and expected["check"]["compute"] < 1
     assert ours["files"]["1/model.onnx"] == theirs["files"]["1/model.onnx"], "graphs differ byte for byte"
     # Same figures, up to float rounding that another CPU's kernels may change (documented in docs/model_repo.md).
     assert ours["parity"]["top1_agreement"] == theirs["parity"]["top1_agreement"] == 1.0

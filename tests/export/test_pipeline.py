@@ -16,13 +16,14 @@ import torch
 import export.pipeline as pipeline
 from export.errors import ExportError
 from export.pipeline import add_arguments, export_checkpoint, main
+from modelrepo.manifest import FORMAT
 from srvit.checkpoint import load_checkpoint
 from srvit.model import SRViT
 
 MANIFEST_KEYS = [
     "format", "name", "triton_name", "version", "depth", "max_depth", "platform", "model_file", "max_batch_size",
     "input", "output", "labels", "preprocessing", "config", "checkpoint", "opset", "versions", "parity",
-    "accuracy", "files", "tensorrt",
+    "accuracy", "flops", "calibration", "adaptive", "files", "tensorrt",
 ]  # fmt: skip
 DEPTHS = (1, 2, 3)
 
@@ -59,7 +60,7 @@ def test_manifest_has_every_documented_key_and_round_trips(exported, tiny, tiny_
         m = read_manifest(repo, tiny.name, depth)
         assert list(m) == MANIFEST_KEYS
         assert json.loads(json.dumps(m)) == m
-        assert (m["format"], m["name"], m["triton_name"]) == ("srvit-manifest/1", tiny.name, f"{tiny.name}_d{depth}")
+        assert (m["format"], m["name"], m["triton_name"]) == (FORMAT, tiny.name, f"{tiny.name}_d{depth}")
         assert (m["depth"], m["max_depth"], m["version"], m["max_batch_size"]) == (depth, 3, 1, 16)
         assert (m["platform"], m["model_file"], m["opset"]) == ("onnxruntime_onnx", "1/model.onnx", 18)
         assert m["input"] == {"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
@@ -68,6 +69,9 @@ def test_manifest_has_every_documented_key_and_round_trips(exported, tiny, tiny_
         assert m["checkpoint"] == {"file": "tiny.safetensors", "sha256": sha}
         assert set(m["versions"]) == {"srvit", "torch", "onnx", "onnxruntime"}
         assert m["tensorrt"] is None
+        assert m["calibration"] is None and m["adaptive"] is None  # no held-out data: nothing to calibrate on
+    flops = [read_manifest(repo, tiny.name, depth)["flops"] for depth in DEPTHS]
+    assert flops[0] > 0 and flops == sorted(set(flops))  # each recursion step costs more
 
 
 def test_manifest_checksums_match_the_files(exported, tiny):

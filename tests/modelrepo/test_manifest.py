@@ -40,7 +40,15 @@ def raw() -> dict:
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        (lambda m: m.update(format="srvit-manifest/2"), "not a srvit-manifest/1 manifest"),
+        (lambda m: m.update(format="srvit-manifest/3"), "not a srvit manifest of format srvit-manifest/1 or /2"),
+        (lambda m: m.update(flops=0), "flops 0 is not a positive integer"),
+        (lambda m: m.update(calibration=[1.2]), "calibration must each be an object or null"),
+        (lambda m: m["adaptive"].update(combine="max"), "adaptive policy must be"),
+        (lambda m: m["adaptive"]["stages"].reverse(), "stage depths must be increasing"),
+        (lambda m: m["adaptive"]["stages"][0].update(threshold=None), "needs a threshold in"),
+        (lambda m: m["adaptive"]["stages"][-1].update(threshold=0.5), "last stage's threshold must be null"),
+        (lambda m: m["adaptive"]["stages"][0].update(temperature=0), "temperatures must be positive"),
+        (lambda m: m["adaptive"]["stages"][-1].update(depth=9), "go past max_depth"),
         (lambda m: m.pop("labels"), r"missing keys \['labels'\]"),
         (lambda m: m.update(name="../evil"), "bad name"),
         (lambda m: m.update(depth=9), "not within 1..max_depth"),
@@ -74,10 +82,30 @@ def test_a_bad_file_entry_names_its_file():
 
 
 def test_keys_a_later_exporter_adds_survive_a_round_trip():
-    m = raw() | {"calibration": {"temperature": [1.2, 1.1]}}
+    m = raw() | {"provenance": {"pipeline": [1.2, 1.1]}}
     manifest = Manifest.from_dict(m)
-    assert manifest.extra == {"calibration": {"temperature": [1.2, 1.1]}}
+    assert manifest.extra == {"provenance": {"pipeline": [1.2, 1.1]}}
     assert manifest.to_dict() == m
+
+
+def test_committed_manifests_carry_the_calibrated_policy_and_agree_on_it():
+    manifests = [contract.load(path) for path in COMMITTED]
+    policy = manifests[0].adaptive
+    assert policy is not None and policy.depths[0] == 1 and policy.depths[-1] <= 4
+    assert all(m.adaptive == policy and m.format == contract.FORMAT for m in manifests)
+    assert [m.flops for m in manifests] == sorted(m.flops for m in manifests)  # deeper costs more
+    for m in manifests:
+        assert m.calibration["temperature"] > 0
+        assert m.calibration["ece_after"]["check"] < m.calibration["ece_before"]["check"]
+
+
+def test_a_format_1_manifest_still_loads_without_a_policy_and_dumps_back_unchanged(tmp_path):
+    """What an export before format /2 wrote: no flops, calibration or adaptive keys."""
+    added = ("flops", "calibration", "adaptive")
+    m = {k: v for k, v in raw().items() if k not in added} | {"format": "srvit-manifest/1"}
+    manifest = Manifest.from_dict(m)
+    assert (manifest.adaptive, manifest.flops, manifest.calibration, manifest.extra) == (None, None, None, {})
+    assert json.loads(contract.dump(manifest, tmp_path).read_text()) == m
 
 
 def test_manifests_are_frozen_and_compare_by_value():

@@ -96,7 +96,7 @@ def test_empty_or_missing_repository_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "changes, fragment",
     [
-        ({"format": "something/2"}, "not a srvit-manifest/1 manifest"),
+        ({"format": "something/2"}, "not a srvit manifest of format"),
         ({"depth": 4}, "not within 1..max_depth"),
         ({"platform": "pytorch_libtorch"}, "platform"),
         ({"name": "../evil"}, "bad name"),
