@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     acc = sub.add_parser("accuracy", help="top-1 of every test image sent over HTTP, next to the manifest's")
     _client_options(acc)
-    acc.add_argument("--depth", type=_depths, default=["1", "2", "3", "4"], help="depths to check, e.g. 1,2,3,4")
+    acc.add_argument(
+        "--depth", type=_depths, default=["1", "2", "3", "4"], help="depths to check, e.g. 1,2,3,4,adaptive"
+    )
     acc.add_argument("--concurrency", type=int, default=16)
     acc.add_argument("--limit", type=int, default=None, help="only the first N test images")
     acc.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
@@ -88,8 +90,8 @@ def _floats(text: str) -> list[float]:
 
 def _depths(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values or any(v != "auto" and not (v.isdigit() and int(v) >= 1) for v in values):
-        raise argparse.ArgumentTypeError(f"need depths like 1,4,auto, got {text!r}")
+    if not values or any(v not in ("auto", "adaptive") and not (v.isdigit() and int(v) >= 1) for v in values):
+        raise argparse.ArgumentTypeError(f"need depths like 1,4,auto,adaptive, got {text!r}")
     return values
 
 

@@ -22,7 +22,7 @@ class Target:
     """What every request of a run asks for: POST {url}/classify?depth=..&top_k=1[&model=..]."""
 
     url: str
-    depth: str  # "1".."max" or "auto"
+    depth: str  # "1".."max", "auto" or "adaptive"
     model: str | None = None
     timeout_s: float = 30.0
 
@@ -43,6 +43,7 @@ class Result:
     index: int | None = None  # top-1 class index
     sent: float | None = None  # when it was handed to the client, if later than `started`
     queue_ms: float | None = None  # the server's own `timing_ms.queue` of an answer
+    gflops: float | None = None  # the compute the server reports it spent on the image
 
     @property
     def latency_s(self) -> float:
@@ -73,7 +74,7 @@ async def classify(client: aiohttp.ClientSession, target: Target, png: bytes, st
             depth, index = body.get("depth_used"), body["predictions"][0]["index"]
     except Exception as e:  # connection errors, timeouts, a 200 without the expected JSON
         return Result(started, clock(), f"error:{type(e).__name__}", sent=sent)
-    return Result(started, clock(), 200, depth, index, sent, body.get("timing_ms", {}).get("queue"))
+    return Result(started, clock(), 200, depth, index, sent, body.get("timing_ms", {}).get("queue"), body.get("gflops"))
 
 
 def _client(target: Target, connections: int) -> aiohttp.ClientSession:

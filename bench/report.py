@@ -44,13 +44,17 @@ def load_table(rows: list[dict], title: str) -> Table:
 
 def accuracy_table(rows: list[dict]) -> Table:
     table = Table(title="top-1 over HTTP vs the export's own measurement")
-    for column in ("depth", "images", "top-1 (HTTP)", "top-1 (manifest)", "difference", "errors"):
+    columns = ("depth", "images", "top-1 (HTTP)", "top-1 (manifest)", "difference", "GFLOPs/image", "vs deepest",
+               "errors")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
         ref, diff = row["top1_manifest"], row["difference"]
+        gflops, share = row.get("gflops_per_image"), row.get("compute_vs_deepest")
         table.add_row(
             row["depth"], str(row["images"]), f"{row['top1_http']:.4f}", "-" if ref is None else f"{ref:.4f}",
-            "-" if diff is None else f"{diff:+.4f}", _errors(row["errors"]),
+            "-" if diff is None else f"{diff:+.4f}", "-" if gflops is None else f"{gflops:.4f}",
+            "-" if share is None else f"{share:.3f}", _errors(row["errors"]),
         )  # fmt: skip
     return table
 

@@ -107,6 +107,12 @@ class AutoDepth:
         unloaded = _deepest(forecast.idle_ms, budget, self.depths) or shallowest
         return Decision(depth, OVERLOAD if depth < unloaded else LATENCY_TARGET)
 
+    def load_cap(self, forecast: Forecast) -> int | None:
+        """The deepest depth the load allows now: `current` while the load holds it below the depth an idle
+        server would give a request (what depth=adaptive may go to), else None. Reads only."""
+        unloaded = _deepest(forecast.idle_ms, self.policy.target_ms, self.depths) or self.depths[0]
+        return self.current if self.current < unloaded else None
+
     def follow(self, forecast: Forecast, now: float) -> None:
         """Move the server-wide `current` by the forecast of a typical request (one image, the usual wait so
         far): a request of many images, or one slow to decode, must not make every depth look slow for

@@ -168,8 +168,12 @@ class Batcher:
     # -- submitting -------------------------------------------------------------------------------
 
     def submit(self, key: Key, images: np.ndarray, deadline: float | None = None, *,
-               yield_s: float = 0.0) -> asyncio.Future:  # fmt: skip
+               yield_s: float = 0.0, since: float | None = None) -> asyncio.Future:  # fmt: skip
         """Queue `images` [n, C, H, W] for `key`; the future resolves to its n output rows, in order.
+
+        `since` (loop time) places the request in its key's queue as if it had arrived then, ahead of what came
+        later: work that already waited in another queue (an adaptive image going deeper) does not queue again
+        behind newer arrivals. Its batch window still starts now, so the next batch can fill around it.
 
         Raises at once (nothing queued): NotReady, InvalidParameter (n > max_queue_images),
         DeadlineExceeded (deadline already passed), Overloaded (the key's queue is full).
@@ -178,7 +182,7 @@ class Batcher:
         self._admit(key, images, deadline)
         limit = self._limit(key)
         chunks = range(0, len(images), limit)
-        futures = [self._enqueue(key, images[i : i + limit], deadline, yield_s) for i in chunks]
+        futures = [self._enqueue(key, images[i : i + limit], deadline, yield_s, since) for i in chunks]
         self._wakeup.set()
         return futures[0] if len(futures) == 1 else _joined(futures)
 
@@ -203,10 +207,11 @@ class Batcher:
         self._notify("on_reject", key, reason)
         return error
 
-    def _enqueue(self, key: Key, images: np.ndarray, deadline: float | None, yield_s: float) -> asyncio.Future:
+    def _enqueue(self, key: Key, images: np.ndarray, deadline: float | None, yield_s: float,
+                 since: float | None = None) -> asyncio.Future:  # fmt: skip
         loop = asyncio.get_running_loop()
         now = loop.time()
-        order = now + yield_s
+        order = (now if since is None else min(since, now)) + yield_s
         # A generous deadline must not rank behind requests that named none: those count as due after the budget.
         rank = order + self.default_budget_s if deadline is None else min(deadline, order + self.default_budget_s)
         req = Request(key, images, deadline, loop.create_future(), now, order, rank)

@@ -91,6 +91,16 @@ def parameter(p: pb.InferParameter):
     return None if which is None else getattr(p, which)
 
 
+def set_parameter(p: pb.InferParameter, value: int | str | float) -> None:
+    """One response parameter, typed as Triton types them."""
+    if isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, str):
+        p.string_param = value
+    else:
+        p.double_param = value
+
+
 def parameters(params) -> dict:
     return {name: parameter(p) for name, p in params.items()}
 
@@ -174,7 +184,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs = oip.outputs(result, wanted, served.model.labels)
             response = pb.ModelInferResponse(model_name=request.model_name, model_version=result.model_version,
                                              id=request.id)  # fmt: skip
-            response.parameters["depth_used"].int64_param = result.images[0].depth
+            for key, value in oip.depth_parameters(result).items():
+                set_parameter(response.parameters[key], value)
             for output in outputs:
                 response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
                 response.raw_output_contents.append(output.raw())

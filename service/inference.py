@@ -17,18 +17,22 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from service.autodepth import AutoDepth
+from modelrepo.adaptive import CONFIDENT, MAX_DEPTH, AdaptivePolicy, advance
+from service.autodepth import OVERLOAD, AutoDepth
 from service.batcher import Batcher
-from service.errors import InvalidParameter, ModelNotFound, Overloaded
+from service.errors import DeadlineExceeded, InvalidParameter, ModelNotFound, Overloaded
 from service.forecast import Forecaster
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
 from service.repository import Model
 from service.statistics import Statistics
 
-Depth = int | Literal["auto"]
+Depth = int | Literal["auto", "adaptive"]
+AUTO, ADAPTIVE = "auto", "adaptive"
 Images = Sequence[bytes] | np.ndarray  # encoded files, or a decoded float32 [n, C, H, W] tensor
 REQUESTED, DEFAULT = "requested", "default"  # depth reasons besides auto's latency_target and overload
+DEADLINE = "deadline"  # adaptive: the next stage would not finish before the request's deadline
+# (adaptive's other reasons: confident, max_depth from modelrepo.adaptive, and overload as auto's)
 PRE_QUEUE_SMOOTHING = 0.1  # weight of each request in the moving average of time spent before the queue
 T = TypeVar("T")
 
@@ -68,10 +72,12 @@ class Timing:
 
 @dataclass(frozen=True)
 class ImageResult:
-    depth: int
-    depth_reason: str  # requested | default | latency_target | overload
-    logits: np.ndarray  # [classes] float32
+    depth: int  # where its answer came from
+    depth_reason: str  # requested | default | latency_target | overload; adaptive: confident | max_depth | deadline
+    logits: np.ndarray  # [classes] float32; adaptive: the log of the calibrated probabilities of its answer
     predictions: list[dict]  # top-k {"label", "index", "score"}; empty when not asked for
+    depths_run: tuple[int, ...]  # every depth it went through: (depth,) but for adaptive
+    gflops: float | None  # compute spent on it; None when the manifests predate FLOPs counts
 
 
 @dataclass(frozen=True)
@@ -144,14 +150,16 @@ class InferenceCore:
         ctx.model = served.name
         requested = request.depth if request.depth is not None else served.default_depth
         check_depth(served.model, requested)
-        if requested != "auto":
+        if requested not in (AUTO, ADAPTIVE):
             ctx.depth = requested  # known now: a request that fails while decoding is counted at its depth
         deadline = None if request.timeout_s is None else ctx.received_at + request.timeout_s
         tensors, decode_s = await self.tensors(served, request.images)
         spent_ms = self._since(ctx.received_at)
         self.pre_queue_ms.observe(spent_ms)
+        if requested == ADAPTIVE:
+            return await self.adaptive(served, request, tensors, decode_s, deadline)
         budget_ms = None if request.timeout_s is None else request.timeout_s * 1000
-        if requested == "auto":
+        if requested == AUTO:
             self.follow_load(served)
         depth, reason = self.choose_depth(
             served, requested, by_default=request.depth is None, images=len(tensors), spent_ms=spent_ms,
@@ -167,11 +175,99 @@ class InferenceCore:
         served.auto.observe(depth, self._since(ctx.received_at))  # latency feedback, whichever protocol asked
         t0 = time.perf_counter()
         result = self._result(served, request, depth, reason, rows, queued_at)
+        self._succeeded(served, result, depth, decode_s, t0, "auto" if requested == AUTO else "fixed")
+        return result
+
+    def _succeeded(self, served: ServedModel, result: InferResult, depth: int, decode_s: float | None, t0: float,
+                   mode: str) -> None:  # fmt: skip
         t = result.timing
         self.statistics.succeeded(served.name, depth, total_s=t.total_ms / 1000, queue_s=t.queue_ms / 1000,
                                   decode_s=decode_s or 0.0, infer_s=t.inference_ms / 1000,
                                   output_s=time.perf_counter() - t0)  # fmt: skip
+        for image in result.images:
+            if image.gflops is not None:
+                self.metrics.image_gflops.labels(served.name, mode).observe(image.gflops)
+
+    async def adaptive(self, served: ServedModel, request: InferRequest, tensors: np.ndarray,
+                       decode_s: float | None, deadline: float | None) -> InferResult:  # fmt: skip
+        """depth=adaptive: every image runs the policy's first depth; the ones whose calibrated answer is unsure
+        go on to the next stage's depth, queued as of when they first queued (ahead of newer arrivals). An
+        image stops early, with the answer it has, when going on would not fit: past the depth auto has been
+        pushed down to by the load (`overload`; on an idle server, no cap), past its queue-wait bound or a full
+        queue (`overload`), or past the request's deadline (`deadline`). The request answers when its last
+        image is done."""
+        ctx, name, policy = request.context, served.name, served.model.adaptive
+        loop = asyncio.get_running_loop()
+        self.follow_load(served)  # the auto depth caps how deep an image may go
+        yield_s = self.priority.yield_s(request.priority)
+        first = policy.stages[0].depth
+        ctx.depth = first
+        self.admit(served, first, len(tensors), yield_s)
+        if decode_s is not None:
+            self.metrics.preprocess_seconds.labels(name, str(first)).observe(decode_s)
+        run = AdaptiveRun(policy, len(tensors), len(served.model.labels))
+        since, queue_s, infer_s = loop.time(), 0.0, 0.0
+        for k, stage in enumerate(policy.stages):
+            if k > 0:
+                reason = self._stop_before(served, stage.depth, len(run.alive), deadline)
+                if reason is None:
+                    self.metrics.adaptive_continued.labels(name, str(policy.stages[k - 1].depth), str(stage.depth)).inc(
+                        len(run.alive)
+                    )
+                else:
+                    run.stop_all(reason)
+                    break
+            queued_at = loop.time()
+            try:
+                rows = await self.batcher.submit((name, stage.depth), tensors[run.alive], deadline, yield_s=yield_s,
+                                                 since=since)  # fmt: skip
+            except (Overloaded, DeadlineExceeded) as e:
+                if k == 0:
+                    raise
+                run.stop_all(OVERLOAD if isinstance(e, Overloaded) else DEADLINE)
+                break
+            started, finished = rows["started"].min(), (rows["started"] + rows["run_s"]).max()
+            queue_s, infer_s = queue_s + started - queued_at, infer_s + finished - started
+            ctx.depth = stage.depth
+            run.stage(k, rows["logits"])
+            if not len(run.alive):
+                break
+        served.auto.observe(ctx.depth, self._since(ctx.received_at))
+        t0 = time.perf_counter()
+        result = self._adaptive_result(served, request, run, Timing(_ms(queue_s), _ms(infer_s),
+                                       _ms(loop.time() - ctx.received_at)))  # fmt: skip
+        for image in result.images:
+            self.metrics.adaptive_exits.labels(name, image.depth_reason).observe(image.depth)
+        self._succeeded(served, result, ctx.depth, decode_s, t0, ADAPTIVE)
         return result
+
+    def _stop_before(self, served: ServedModel, depth: int, images: int, deadline: float | None) -> str | None:
+        """Why the images still going must not go on to `depth`, or None: they may."""
+        cap = served.auto.load_cap(self.forecaster.forecast(served.name, served.model.depths, 1))
+        if cap is not None and depth > cap:
+            return OVERLOAD
+        if self.forecaster.queue_wait_ms((served.name, depth), images) > self.max_queue_wait_ms:
+            return OVERLOAD
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            done_ms = self.forecaster.forecast(served.name, [depth], images).loaded_ms[depth]
+            if loop.time() + done_ms / 1000 > deadline:
+                return DEADLINE
+        return None
+
+    def _adaptive_result(self, served: ServedModel, request: InferRequest, run: AdaptiveRun,
+                         timing: Timing) -> InferResult:  # fmt: skip
+        labels, model = served.model.labels, served.model
+        top_k = min(request.top_k or self.default_top_k, len(labels))
+        logits = np.log(np.maximum(run.probs, 1e-30)).astype(np.float32)
+        images = []
+        for i in range(len(logits)):
+            depths = tuple(run.depths_run[i])
+            flops = [model.flops(d) for d in depths]
+            gflops = None if None in flops else sum(flops) / 1e9
+            predictions = top_from_probs(run.probs[i], labels, top_k) if request.predictions else []
+            images.append(ImageResult(depths[-1], run.reasons[i], logits[i], predictions, depths, gflops))
+        return InferResult(served.name, str(model.version), ADAPTIVE, images, timing, logits)
 
     def resolve(self, name: str | None) -> ServedModel:
         if name is None:
@@ -253,8 +349,17 @@ class InferenceCore:
                 queued_at: float) -> InferResult:  # fmt: skip
         labels = served.model.labels
         top_k = min(request.top_k or self.default_top_k, len(labels))
+        flops = served.model.flops(depth)
+        gflops = None if flops is None else flops / 1e9
         images = [
-            ImageResult(depth, reason, logits, top_predictions(logits, labels, top_k) if request.predictions else [])
+            ImageResult(
+                depth,
+                reason,
+                logits,
+                top_predictions(logits, labels, top_k) if request.predictions else [],
+                (depth,),
+                gflops,
+            )  # fmt: skip
             for logits in rows["logits"]
         ]
         started, finished = rows["started"].min(), (rows["started"] + rows["run_s"]).max()
@@ -268,15 +373,53 @@ class InferenceCore:
 
 
 def check_depth(model: Model, depth: Depth) -> None:
-    if depth != "auto" and depth not in model.depths:
+    if depth == ADAPTIVE and model.adaptive is None:
+        why = ("its manifests predate calibration (format srvit-manifest/1)" if model.manifest.flops is None
+               else "its export fitted no adaptive policy (no held-out data, or none kept top-1)")  # fmt: skip
+        raise InvalidParameter(f"depth=adaptive is not available for {model.name}: {why}; re-export it with "
+                               "`srvit export` on its held-out data, or ask for a depth or auto")  # fmt: skip
+    if depth not in (AUTO, ADAPTIVE) and depth not in model.depths:
         served = ", ".join(map(str, model.depths))
-        raise InvalidParameter(f"depth {depth} is not served for {model.name}: use one of {served}, or auto")
+        raise InvalidParameter(f"depth {depth} is not served for {model.name}: use one of {served}, auto or adaptive")
+
+
+class AdaptiveRun:
+    """One adaptive request's images as they go through the stages: which are still going, the answer each
+    has so far, the depths each ran and why it stopped."""
+
+    def __init__(self, policy: AdaptivePolicy, n: int, classes: int):
+        self.policy = policy
+        self.alive = np.arange(n)  # indices of the images still going, in order
+        self.total: np.ndarray | None = None  # their summed calibrated probabilities (modelrepo.adaptive.advance)
+        self.probs = np.zeros((n, classes))  # each image's answer so far
+        self.depths_run: list[list[int]] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+
+    def stage(self, k: int, logits: np.ndarray) -> None:
+        """Stage k's logits for the images still going: the confident ones (all of them at the last stage) stop."""
+        depth, last = self.policy.stages[k].depth, k == len(self.policy.stages) - 1
+        self.total, combined, stop = advance(self.policy, k, self.total, logits)
+        self.probs[self.alive] = combined
+        for i in self.alive:
+            self.depths_run[i].append(depth)
+        for i in self.alive[stop]:
+            self.reasons[i] = MAX_DEPTH if last else CONFIDENT
+        self.alive, self.total = self.alive[~stop], self.total[~stop]
+
+    def stop_all(self, reason: str) -> None:
+        """The images still going stop with the answer of the last stage they ran."""
+        for i in self.alive:
+            self.reasons[i] = reason
+        self.alive = self.alive[:0]
 
 
 def top_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[dict]:
     """Softmax in float64 (shifted by the max, so large logits cannot overflow), then the k most likely."""
     z = logits.astype(np.float64) - logits.max()
-    probs = np.exp(z) / np.exp(z).sum()
+    return top_from_probs(np.exp(z) / np.exp(z).sum(), labels, k)
+
+
+def top_from_probs(probs: np.ndarray, labels: list[str], k: int) -> list[dict]:
     order = np.argsort(-probs, kind="stable")[:k]
     return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
 

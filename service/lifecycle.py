@@ -133,10 +133,12 @@ class Service:
             "auto_depth": served.auto.current,
             "labels": len(model.labels),
             "input_shape": list(model.manifest.input.shape),
+            "adaptive": None if model.adaptive is None else model.adaptive.to_dict(),
             "depths": [
                 {
                     "depth": depth,
                     "accuracy": model.accuracy(depth),
+                    "gflops": None if model.flops(depth) is None else model.flops(depth) / 1e9,
                     "latency_ms": profile[str(depth)],
                     "runtime": self.device.runtimes[(model.name, depth)].provider,
                     "max_batch_size": self.device.limits[(model.name, depth)],

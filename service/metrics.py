@@ -13,6 +13,12 @@ from service.statistics import Statistics
 # 0.5 ms .. 10 s: a small graph on a GPU and a deep one on a busy CPU land in the same buckets' range.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEPTH_BUCKETS = tuple(range(1, 13))  # exit depths of depth=adaptive
+GFLOPS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # compute per image
+# How a request's depth was chosen, for the compute per image: a fixed depth (asked for or the default), auto, adaptive.
+DEPTH_MODES = ("fixed", "auto", "adaptive")
+# Why a depth=adaptive image stopped where it did (modelrepo.adaptive and service.inference).
+ADAPTIVE_REASONS = ("confident", "max_depth", "overload", "deadline")
 NONE = ""  # label value before the model or depth is known (a request refused at the door)
 # What depth=auto did with a request: "latency_target", the depth an idle server would give it (the latency target
 # alone limits it); "overload", shallower because of the load; "refused". The share of the last two is the load
@@ -46,6 +52,15 @@ class Metrics:
                                         "deepest depth", ("model", "reason"))  # fmt: skip
         self.auto_requests = self._counter("srvit_auto_depth_requests", "depth=auto requests by outcome: the "
                                            "idle depth, shallower for load, refused", ("model", "outcome"))  # fmt: skip
+        self.adaptive_exits = Histogram("srvit_adaptive_exit_depth", "The depth each depth=adaptive image ended at, "
+                                        "by why it stopped", ("model", "reason"), buckets=DEPTH_BUCKETS,
+                                        registry=self.registry)  # fmt: skip
+        self.adaptive_continued = self._counter("srvit_adaptive_continued_images", "depth=adaptive images sent on "
+                                                "from one stage's depth to the next", ("model", "from_depth",
+                                                "to_depth"))  # fmt: skip
+        self.image_gflops = Histogram("srvit_image_gflops", "Compute spent per answered image (GFLOPs, summed over "
+                                      "every depth it ran), by how its depth was chosen", ("model", "mode"),
+                                      buckets=GFLOPS_BUCKETS, registry=self.registry)  # fmt: skip
         self.queue_images = Gauge("srvit_queue_images", "Images waiting per (model, depth)", md, registry=self.registry)
         self.auto_depth = Gauge("srvit_auto_depth", "The depth auto picks now", ["model"], registry=self.registry)
         self.max_depth = Gauge("srvit_max_depth", "The deepest served depth", ["model"], registry=self.registry)

@@ -284,9 +284,22 @@ def priority_param(value) -> int | None:
 
 def depth_param(value) -> Depth:
     try:
-        return DEPTH.validate_python(value, strict=True)  # 2 or "auto"; not true, "2" or 2.0
+        return DEPTH.validate_python(value, strict=True)  # 2, "auto" or "adaptive"; not true, "2" or 2.0
     except ValidationError:
-        raise InvalidParameter(f"parameter depth must be an integer or 'auto', got {value!r}") from None
+        raise InvalidParameter(f"parameter depth must be an integer, 'auto' or 'adaptive', got {value!r}") from None
+
+
+def depth_parameters(result) -> dict[str, int | str | float]:
+    """The response parameters that say which depths answered: `depth_used` (the deepest any image used);
+    for depth=adaptive also per image, comma-separated in input order, `depths_used` and `depth_reasons`,
+    and `gflops`, the compute the request's images took in all."""
+    params: dict[str, int | str | float] = {"depth_used": max(image.depth for image in result.images)}
+    if result.depth_requested == "adaptive":
+        params["depths_used"] = ",".join(str(image.depth) for image in result.images)
+        params["depth_reasons"] = ",".join(image.depth_reason for image in result.images)
+    if all(image.gflops is not None for image in result.images):
+        params["gflops"] = sum(image.gflops for image in result.images)
+    return params
 
 
 # -- outputs -------------------------------------------------------------------------------------------------

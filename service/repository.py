@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelrepo.adaptive import AdaptivePolicy
 from modelrepo.files import sha256_file
 from modelrepo.manifest import (
     MANIFEST_FILE,
@@ -87,6 +88,16 @@ class Model:
         by_platform = {a.platform: a for a in self.artifacts[depth]}
         artifact = by_platform.get(ONNX) or self.artifacts[depth][0]
         return artifact.manifest.accuracy
+
+    @property
+    def adaptive(self) -> AdaptivePolicy | None:
+        """The calibrated policy of depth=adaptive, when the export fitted one and every depth it runs is served."""
+        policy = self.manifest.adaptive
+        return policy if policy is not None and set(policy.depths) <= set(self.artifacts) else None
+
+    def flops(self, depth: int) -> int | None:
+        """FLOPs per image at `depth`, as the export counted them (None for a manifest before format /2)."""
+        return self.artifacts[depth][0].manifest.flops
 
     def depth_named(self, triton_name: str) -> int | None:
         """The depth whose Triton folder is `triton_name` (`tiny_d2` is depth 2), or None."""

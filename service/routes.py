@@ -97,6 +97,8 @@ def classification(result: InferResult, image: ImageResult, rid: str) -> dict:
         "depth_requested": result.depth_requested,
         "depth_used": image.depth,
         "depth_reason": image.depth_reason,
+        "depths_run": list(image.depths_run),
+        "gflops": image.gflops,
         "predictions": image.predictions,
         "timing_ms": {"queue": t.queue_ms, "inference": t.inference_ms, "total": t.total_ms},
         "request_id": rid,

@@ -18,7 +18,9 @@ class ClassifyParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     depth: Depth | None = Field(
-        None, description="recursion depth 1..max_depth, or `auto` to meet the latency target; default: max depth"
+        None,
+        description="recursion depth 1..max_depth; `auto` to meet the latency target; `adaptive` to go deeper only "
+        "for images the shallow answer is unsure of (the model's calibrated policy); default: max depth",
     )
     top_k: int | None = Field(None, ge=1, description="predictions to return (at most the number of labels)")
     model: str | None = Field(None, description="model name; optional when the server serves one model")
@@ -45,12 +47,18 @@ class Classification(BaseModel):
     model: str
     model_version: str
     depth_requested: Depth | None = Field(description="what the request asked for; null when it named no depth")
-    depth_used: int
-    depth_reason: Literal["requested", "default", "latency_target", "overload"] = Field(
+    depth_used: int = Field(description="the depth whose answer this is")
+    depth_reason: Literal[
+        "requested", "default", "latency_target", "overload", "confident", "max_depth", "deadline"
+    ] = Field(
         description="requested: the explicit depth, always honoured exactly; default: the server's default depth; "
         "latency_target: auto, as deep as the latency budget allows on an idle server; "
-        "overload: auto, pushed shallower by the work queued ahead"
+        "overload: auto or adaptive, kept shallower by the work queued ahead; "
+        "confident: adaptive, sure enough to stop; max_depth: adaptive, at its policy's last depth; "
+        "deadline: adaptive, stopped because the next depth would miss timeout_ms"
     )
+    depths_run: list[int] = Field(description="every depth the image went through: [depth_used] but for adaptive")
+    gflops: float | None = Field(description="compute spent on this image; null for models exported before FLOPs")
     predictions: list[Prediction]
     timing_ms: Timing
     request_id: str
@@ -77,6 +85,7 @@ def error_responses(texts: dict[int, str]) -> dict:
 class DepthInfo(BaseModel):
     depth: int
     accuracy: dict | None = Field(description="held-out top-1 from the manifest, or null when none was measured")
+    gflops: float | None = Field(description="compute per image at this depth, or null for an export before FLOPs")
     latency_ms: dict[str, float] = Field(description="measured at warm-up: batch size -> median ms")
     runtime: str = Field(description="execution provider or engine serving this depth")
     max_batch_size: int
@@ -90,6 +99,10 @@ class ModelInfo(BaseModel):
     auto_depth: int = Field(description="the depth `auto` currently picks on this server")
     labels: int = Field(description="number of classes")
     input_shape: list[int] = Field(description="[-1, C, H, W]; -1 is the batch")
+    adaptive: dict | None = Field(
+        description="depth=adaptive's calibrated policy (stages: depth, temperature, "
+        "threshold; combine; expected top-1 and compute), or null when it has none"
+    )
     depths: list[DepthInfo]
 
 

@@ -46,7 +46,8 @@ INFER_ERRORS = error_responses({
 INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"},
-        "parameters": {"type": "object", "description": "depth (1..max_depth or auto), timeout (us), priority"},
+        "parameters": {"type": "object", "description": "depth (1..max_depth, auto or adaptive), timeout (us), "
+                       "priority"},
         "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"]}},
         "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
     }}},
@@ -274,9 +275,8 @@ def infer_response(header: dict, asked: dict[str, dict], params: dict, outputs: 
         else:
             entry["data"] = output.values.ravel().tolist()
         rendered.append(entry)
-    depth_used = result.images[0].depth  # one depth per request until depth=adaptive
     body = {"model_name": name, "model_version": result.model_version, "id": header.get("id", rid),
-            "parameters": {"depth_used": depth_used}, "outputs": rendered}  # fmt: skip
+            "parameters": oip.depth_parameters(result), "outputs": rendered}  # fmt: skip
     encoded = json.dumps(body).encode()
     if not payload:
         return Response(encoded, media_type="application/json")
