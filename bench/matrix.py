@@ -35,7 +35,7 @@ def run_matrix(args: argparse.Namespace) -> int:
     depths = sorted({model.depths[0], model.max_depth})
     with pinned(args.client_cpus):
         for batching, env in BATCHING.items():
-            report["server_runs"] += server_runs(args, model, pngs, batching, env, depths)
+            report["server_runs"] += server_runs(args, model, pngs, batching, env, [*depths, *_adaptive(model)])
         report["raw"] = raw_runs(args, model, report["server_runs"], depths)
         report["auto"] = auto_runs(args, model, pngs, report["server_runs"])
     write_report(report, args.out, args.tag)
@@ -57,7 +57,12 @@ def _pick_model(models: dict[str, Model], name: str | None) -> Model:
     return models[name]
 
 
-def server_runs(args, model: Model, pngs, batching: str, env: dict, depths: list[int]) -> list[dict]:
+def _adaptive(model: Model) -> list[str]:
+    """depth=adaptive joins the runs when the export fitted a policy."""
+    return ["adaptive"] if model.adaptive else []
+
+
+def server_runs(args, model: Model, pngs, batching: str, env: dict, depths: list[int | str]) -> list[dict]:
     """Closed-loop runs at every concurrency and depth on one server, with its batches and CPU time per run."""
     rows = []
     with served(args.repo, caller_settings() | env, args.server_cpus) as server:
@@ -72,7 +77,7 @@ def server_runs(args, model: Model, pngs, batching: str, env: dict, depths: list
                 row |= {"batching": batching, "mean_batch": mean_batch(before, after, model.name, depth),
                         "server_cpu_cores": (cpu1 - cpu0) / total_s,
                         "client_cpu_cores": row["client_cpu_s"] / total_s,
-                        "runtime": runtimes[str(depth)]}  # fmt: skip
+                        "runtime": runtimes.get(str(depth), "several depths")}  # fmt: skip
                 console.print(f"batching {batching}: " + load_line(row))
                 rows.append(row)
     return rows
@@ -143,13 +148,14 @@ def _session(graph: Graph, runtime: str, threads: int, spinning: bool):
 
 
 def auto_runs(args, model: Model, pngs, rows: list[dict]) -> list[dict]:
-    """An open-loop rate the deepest depth cannot sustain, once with depth=auto and once at max depth."""
+    """An open-loop rate the deepest depth cannot sustain, with depth=auto, adaptive (when the model has a policy)
+    and max depth."""
     capacity = max(r["images_per_s"] for r in rows if r["batching"] == "on" and r["depth"] == str(model.max_depth))
     rate = args.overload * capacity
     env = caller_settings() | {"SRVIT_LATENCY_TARGET_MS": f"{args.latency_target_ms:g}"}
     out = []
     with served(args.repo, env, args.server_cpus) as server:
-        for depth in ("auto", str(model.max_depth)):
+        for depth in ("auto", *_adaptive(model), str(model.max_depth)):
             target = Target(server.url, depth, model.name)
             row = measure(target, pngs, rate=rate, duration_s=args.duration, warmup_s=args.warmup)
             row |= {"capacity_max_depth": capacity, "overload": args.overload,

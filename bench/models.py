@@ -30,6 +30,7 @@ class Model:
     max_depth: int
     graphs: dict[int, Graph]  # depth -> its ONNX graph; a TensorRT-only depth has none
     checkpoint: dict | None  # the deepest depth's record of the checkpoint it was exported from
+    adaptive: bool = False  # whether the export fitted a depth=adaptive policy
 
 
 def load_models(repo: Path) -> dict[str, Model]:
@@ -50,4 +51,5 @@ def _model(name: str, folders: list[tuple[Path, Manifest]]) -> Model:
     manifests = [m for _, m in folders]
     graphs = {m.depth: Graph(folder / m.model_file, m) for folder, m in folders if m.platform == ONNX}
     deepest = max(manifests, key=lambda m: (m.depth, m.platform == ONNX))
-    return Model(name, sorted({m.depth for m in manifests}), deepest.max_depth, graphs, deepest.checkpoint)
+    return Model(name, sorted({m.depth for m in manifests}), deepest.max_depth, graphs, deepest.checkpoint,
+                 deepest.adaptive is not None)  # fmt: skip

@@ -101,11 +101,17 @@ class AutoDepth:
         budget = min(own, self.policy.target_ms)
         depth = _deepest(forecast.loaded_ms, budget, (d for d in self.depths if d <= self.current))
         shallowest = self.depths[0]
-        if depth is None and forecast.loaded_ms[shallowest] > own >= forecast.idle_ms[shallowest] + forecast.spent_ms:
+        if depth is None and self.hopeless(forecast, shallowest, budget_ms):
             return None
         depth = depth or shallowest
         unloaded = _deepest(forecast.idle_ms, budget, self.depths) or shallowest
         return Decision(depth, OVERLOAD if depth < unloaded else LATENCY_TARGET)
+
+    def hopeless(self, forecast: Forecast, depth: int, budget_ms: float | None = None) -> bool:
+        """Whether a request at `depth` would miss its own budget (the target when it has none) only because of
+        the work queued ahead, which it would make on an idle device: refused rather than queued to be late."""
+        own = self.policy.target_ms if budget_ms is None else budget_ms
+        return forecast.loaded_ms[depth] > own >= forecast.idle_ms[depth] + forecast.spent_ms
 
     def load_cap(self, forecast: Forecast) -> int | None:
         """The deepest depth the load allows now: `current` while the load holds it below the depth an idle

@@ -191,7 +191,9 @@ class InferenceCore:
     async def adaptive(self, served: ServedModel, request: InferRequest, tensors: np.ndarray,
                        decode_s: float | None, deadline: float | None) -> InferResult:  # fmt: skip
         """depth=adaptive: every image runs the policy's first depth; the ones whose calibrated answer is unsure
-        go on to the next stage's depth, queued as of when they first queued (ahead of newer arrivals). An
+        go on to the next stage's depth, queued as of when they first queued (ahead of newer arrivals). As
+        `auto` does, a request that even the first depth would answer past its budget (timeout_ms, else the
+        latency target) because of the work queued ahead is refused with 503 rather than queued. An
         image stops early, with the answer it has, when going on would not fit: past the depth auto has been
         pushed down to by the load (`overload`; on an idle server, no cap), past its queue-wait bound or a full
         queue (`overload`), or past the request's deadline (`deadline`). The request answers when its last
@@ -202,6 +204,11 @@ class InferenceCore:
         yield_s = self.priority.yield_s(request.priority)
         first = policy.stages[0].depth
         ctx.depth = first
+        budget_ms = None if request.timeout_s is None else request.timeout_s * 1000
+        forecast = self.forecaster.forecast(name, [first], len(tensors), self._since(ctx.received_at))
+        if served.auto.hopeless(forecast, first, budget_ms):  # as auto refuses: it would be late anyway
+            self._refuse(name, "adaptive_overload", f"even depth {first} would miss the latency budget behind the "
+                         "work queued now")  # fmt: skip
         self.admit(served, first, len(tensors), yield_s)
         if decode_s is not None:
             self.metrics.preprocess_seconds.labels(name, str(first)).observe(decode_s)
@@ -210,13 +217,13 @@ class InferenceCore:
         for k, stage in enumerate(policy.stages):
             if k > 0:
                 reason = self._stop_before(served, stage.depth, len(run.alive), deadline)
-                if reason is None:
-                    self.metrics.adaptive_continued.labels(name, str(policy.stages[k - 1].depth), str(stage.depth)).inc(
-                        len(run.alive)
-                    )
-                else:
+                if reason is not None:
                     run.stop_all(reason)
                     break
+                went_on = self.metrics.adaptive_continued.labels(
+                    name, str(policy.stages[k - 1].depth), str(stage.depth)
+                )
+                went_on.inc(len(run.alive))
             queued_at = loop.time()
             try:
                 rows = await self.batcher.submit((name, stage.depth), tensors[run.alive], deadline, yield_s=yield_s,

@@ -258,7 +258,8 @@ def test_dashboard_only_queries_series_the_server_exports():
 def test_dashboard_covers_what_an_operator_watches():
     text = " ".join(e for exprs in dashboard_queries().values() for e in exprs)
     for series in ("srvit_requests_total", "srvit_request_duration_seconds_bucket", "srvit_batch_size_images_bucket",
-                   "srvit_queue_images", "srvit_auto_depth", "srvit_rejections_total"):  # fmt: skip
+                   "srvit_queue_images", "srvit_auto_depth", "srvit_rejections_total", "srvit_image_gflops_sum",
+                   "srvit_adaptive_exit_depth_count", "srvit_adaptive_continued_images_total"):  # fmt: skip
         assert series in text, f"no panel shows {series}"
 
 

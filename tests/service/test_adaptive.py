@@ -200,3 +200,31 @@ async def test_metrics_count_exits_continuations_and_compute(serving, policy_rep
     assert spent == pytest.approx(3 * (gflops[1] + gflops[3]), rel=1e-4)
     fixed = float(re.search(r'srvit_image_gflops_sum\{mode="fixed",model="tiny"\} (\S+)', metrics).group(1))
     assert fixed == pytest.approx(gflops[1], rel=1e-4)
+
+
+def test_grpc_answers_adaptive_with_typed_parameters(repo_copy, tmp_path):
+    """tritonclient's gRPC client, against a real `srvit serve`: depth_used as an int64, the per-image depths and
+    reasons as strings, gflops as a double; a depth that is none of the three kinds is refused, naming them."""
+    import tritonclient.grpc as tgrpc
+    from server_process import ServerProcess
+    from tritonclient.utils import InferenceServerException
+
+    proc = ServerProcess(with_policy(repo_copy, 1.0), tmp_path / "serve.log")
+    try:
+        proc.wait_ready()
+        client = tgrpc.InferenceServerClient(proc.grpc_url)
+        tensor = tgrpc.InferInput("image", [2, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array(IMAGES[:2], dtype=object).reshape(-1, 1))
+        response = client.infer("tiny", [tensor], parameters={"depth": "adaptive"}).get_response()
+        params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()}
+        assert (params["depth_used"], params["depths_used"], params["depth_reasons"]) == (
+            3,
+            "3,3",
+            "max_depth,max_depth",
+        )
+        assert params["gflops"] > 0
+        with pytest.raises(InferenceServerException, match="depth must be an integer, 'auto' or 'adaptive'"):
+            client.infer("tiny", [tensor], parameters={"depth": "deepest"})
+        client.close()
+    finally:
+        proc.stop()

@@ -403,3 +403,32 @@ async def test_yields_reorder_the_queue_but_the_batch_window_counts_from_the_old
         await asyncio.gather(first, second)
         waited = time.monotonic() - t0
     assert device.batches == [(A, [2, 1])] and 0.09 <= waited < 1.0
+
+
+@run
+async def test_work_that_already_waited_rejoins_ahead_of_newer_arrivals_but_waits_out_its_own_window():
+    """An adaptive image going deeper (`since` its first queueing) goes ahead of requests queued after that
+    time, behind older ones, and its batch window starts when it rejoins, so the deeper batch fills around it."""
+    device = Device(hold=True)
+    async with batcher(device, max_batch_size=1, max_queue_delay_ms=0) as b:
+        blocker = await hold_device(b, device)
+        loop = asyncio.get_running_loop()
+        first_queued = loop.time()
+        older = b.submit(A, images(1))  # queued before the continued image first queued
+        await asyncio.sleep(0.02)
+        newer = [b.submit(A, images(i)) for i in (2, 3)]
+        continued = b.submit(A, images(4), since=first_queued + 0.01)
+        device.gate.set()
+        await asyncio.gather(blocker, older, continued, *newer)
+    assert device.seen() == [99, 1, 4, 2, 3]
+    device = Device()
+    async with batcher(device, max_batch_size=8, max_queue_delay_ms=100) as b:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        continued = b.submit(A, images(1), since=loop.time() - 5.0)  # waited 5 s elsewhere
+        await asyncio.sleep(0.05)
+        joining = b.submit(A, images(2))
+        rows = await asyncio.gather(continued, joining)
+        waited = time.monotonic() - t0
+    assert [ids(r) for r in rows] == [[1], [2]] and device.batches == [(A, [1, 2])]  # one batch
+    assert 0.09 <= waited < 1.0  # after its own window, not at once for having waited elsewhere

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,7 +33,7 @@ class FakeBatcher:
         self.calls: list[tuple] = []
         self.queued = 0  # images the forecaster sees waiting for every key
 
-    async def submit(self, key, images, deadline=None, yield_s=0.0):
+    async def submit(self, key, images, deadline=None, yield_s=0.0, since=None):
         self.calls.append((key, images.shape, deadline))
         rows = np.zeros(len(images), row_dtype(CLASSES))
         rows["logits"] = np.arange(CLASSES, dtype=np.float32) + key[1]
@@ -57,15 +58,21 @@ class View:
         return self.batcher.queue_images(key)
 
 
-@pytest.fixture
-def core(tiny_repo):
-    model = load_repository(tiny_repo)["tiny"]
+@contextlib.contextmanager
+def make_core(repo):
+    model = load_repository(repo)["tiny"]
     auto = AutoDepth(model.depths, Policy(target_ms=100.0, headroom=0.2, step_up_hold_s=1.0))
     served = ServedModel(model, make_preprocessor(model, 10**6), model.depths[-1], auto)
     batcher = FakeBatcher()
     with ThreadPoolExecutor(2) as pool:
         forecaster = Forecaster(View(batcher, model.depths), max_queue_delay_ms=0.0)
         yield InferenceCore({"tiny": served}, batcher, forecaster, pool, Metrics(), Statistics(), default_top_k=2)
+
+
+@pytest.fixture
+def core(tiny_repo):
+    with make_core(tiny_repo) as core:
+        yield core
 
 
 def request(images, **fields) -> InferRequest:
@@ -119,6 +126,21 @@ async def test_auto_goes_shallower_behind_a_backlog_and_refuses_when_even_depth_
     with pytest.raises(Overloaded, match="even depth 1 would miss") as refused:
         await core.infer(request([png()], depth="auto"))
     assert idle.images[0].depth == 3 and refused.value.retry_after_s >= 1
+
+
+async def test_adaptive_refuses_as_auto_does_when_even_its_first_depth_would_be_late(repo_copy):
+    from test_adaptive import with_policy
+
+    with make_core(with_policy(repo_copy, 1.0)) as core:
+        idle = await core.infer(request([png()], depth="adaptive"))
+        core.batcher.queued = 3  # 180 ms queued, over the 100 ms target
+        with pytest.raises(Overloaded, match="even depth 1 would miss") as refused:
+            await core.infer(request([png()], depth="adaptive"))
+        generous = await core.infer(request([png()], depth="adaptive", timeout_s=10.0))  # its own budget fits
+    assert idle.images[0].depths_run == (1, 3) and refused.value.retry_after_s >= 1
+    assert 'reason="adaptive_overload"} 1.0' in core.metrics.exposition().decode()
+    # admitted on its own budget, but the backlog has pushed auto's depth below 3: it stops at depth 1
+    assert (generous.images[0].depths_run, generous.images[0].depth_reason) == ((1,), "overload")
 
 
 async def test_choosing_a_depth_changes_nothing(core):
