@@ -43,9 +43,10 @@ def closed_cells(url: str, model: str, pngs, depths, runs: int, seconds: float) 
     return rows
 
 
-def overload(url: str, model: str, pngs, rate: float, seconds: float, target_ms: float, runs: int) -> list[dict]:
+def overload(url: str, model: str, pngs, rate: float, seconds: float, target_ms: float, runs: int,
+             depths: list[str]) -> list[dict]:  # fmt: skip
     rows = []
-    for depth in [d for _ in range(runs) for d in ("4", "auto", "adaptive")]:
+    for depth in [d for _ in range(runs) for d in depths]:
         run = asyncio.run(open_loop(Target(url, depth, model, timeout_s=60), pngs, rate, seconds, 2.0))
         sent = len(run.results)
         ok = sorted(r.latency_s * 1000 for r in run.results if r.status == 200)
@@ -67,6 +68,10 @@ def summary(rows: list[dict], depth: str, concurrency: int, key: str) -> list[fl
             if r["depth"] == depth and r["concurrency"] == concurrency]  # fmt: skip
 
 
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path("model_repo"))
@@ -78,6 +83,8 @@ def main() -> int:
     parser.add_argument("--latency-target-ms", type=float, default=100.0)
     parser.add_argument("--placements", default="pinned,shared")
     parser.add_argument("--no-overload", action="store_true", help="closed-loop cells only")
+    parser.add_argument("--closed-depths", type=_list, default=["4", "adaptive"], help="must include 4 and adaptive")
+    parser.add_argument("--overload-depths", type=_list, default=["4", "auto", "adaptive"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     pngs, _ = load_pngs(FASHION_MNIST_DIR, 1000)
@@ -87,11 +94,11 @@ def main() -> int:
         server_cpus, client_cpus = PLACEMENTS[placement]
         print(f"{placement}: server on {server_cpus or 'every core'}, client on {client_cpus or 'every core'}")
         with served(args.repo, env, server_cpus) as server, pinned(client_cpus):
-            rows = closed_cells(server.url, args.model, pngs, ("4", "adaptive"), args.runs, args.seconds)
+            rows = closed_cells(server.url, args.model, pngs, args.closed_depths, args.runs, args.seconds)
             capacity = statistics.median(summary(rows, "4", 32, "images_per_s"))
             loaded = [] if args.no_overload else overload(server.url, args.model, pngs, 1.5 * capacity,
                                                           args.overload_seconds, args.latency_target_ms,
-                                                          args.overload_runs)  # fmt: skip
+                                                          args.overload_runs, args.overload_depths)  # fmt: skip
         report[placement] = {"closed": rows, "overload": loaded, "capacity_depth4": capacity}
         for what, c, key in (("throughput c=32", 32, "images_per_s"), ("p50 c=1", 1, "p50")):
             d4, ad = summary(rows, "4", c, key), summary(rows, "adaptive", c, key)

@@ -11,13 +11,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sample_images import encode, jpeg, picture, png
 
+from modelrepo.manifest import load as load_manifest
 from service.preprocess import Preprocessor
 from service.runtime import OrtRuntime
 
 pytestmark = pytest.mark.anyio
 
-KEYS = {"model", "model_version", "depth_requested", "depth_used", "depth_reason", "predictions", "timing_ms",
-        "request_id"}  # fmt: skip
+KEYS = {"model", "model_version", "depth_requested", "depth_used", "depth_reason", "depths_run", "gflops",
+        "predictions", "timing_ms", "request_id"}  # fmt: skip
 
 
 def raw(data: bytes, kind: str = "image/png") -> dict:
@@ -52,7 +53,8 @@ async def test_raw_png_is_classified_like_onnxruntime_at_the_default_depth(servi
     body = r.json()
     assert set(body) == KEYS and body["request_id"] == r.headers["x-request-id"]
     assert (body["model"], body["model_version"], body["depth_used"]) == ("tiny", "1", 3)
-    assert (body["depth_requested"], body["depth_reason"]) == (None, "default")
+    assert (body["depth_requested"], body["depth_reason"], body["depths_run"]) == (None, "default", [3])
+    assert body["gflops"] == pytest.approx(load_manifest(tiny_repo / "tiny_d3" / "manifest.json").flops / 1e9)
     scores = [p["score"] for p in body["predictions"]]
     assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0)
     expected = direct_probs(tiny_repo, 3, png(seed=3))
