@@ -113,10 +113,11 @@ class AutoDepth:
         own = self.policy.target_ms if budget_ms is None else budget_ms
         return forecast.loaded_ms[depth] > own >= forecast.idle_ms[depth] + forecast.spent_ms
 
-    def load_cap(self, forecast: Forecast) -> int | None:
+    def load_cap(self, idle_ms: Mapping[int, float]) -> int | None:
         """The deepest depth the load allows now: `current` while the load holds it below the depth an idle
-        server would give a request (what depth=adaptive may go to), else None. Reads only."""
-        unloaded = _deepest(forecast.idle_ms, self.policy.target_ms, self.depths) or self.depths[0]
+        server would give a request (`idle_ms`: each depth's time on an idle device), else None; what
+        depth=adaptive may go to. Reads only."""
+        unloaded = _deepest(idle_ms, self.policy.target_ms, self.depths) or self.depths[0]
         return self.current if self.current < unloaded else None
 
     def follow(self, forecast: Forecast, now: float) -> None:

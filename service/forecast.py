@@ -71,10 +71,13 @@ class Forecaster:
         vs its own cost on an idle device. The time spent before the device queue (waiting for the event loop
         and the decoding pool) counts: when those back up, the device queue can stay short while requests
         are already late. The batch window counts as waiting because a request alone waits it out."""
-        delay = self.max_queue_delay_ms
-        loaded = {d: spent_ms + delay + self.backlog_ms((model, d), images) for d in depths}
-        idle = {d: delay + self.cost_ms((model, d), images) for d in depths}
-        return Forecast(loaded, idle, spent_ms)
+        loaded = {d: spent_ms + self.max_queue_delay_ms + self.backlog_ms((model, d), images) for d in depths}
+        return Forecast(loaded, self.idle_ms(model, depths, images), spent_ms)
+
+    def idle_ms(self, model: str, depths: list[int], images: int) -> dict[int, float]:
+        """Completion time at each depth on an idle device (the batch window and its own cost), without reading
+        the queues."""
+        return {d: self.max_queue_delay_ms + self.cost_ms((model, d), images) for d in depths}
 
     def retry_after_s(self) -> float:
         """Whole seconds until the work queued now is done; the Retry-After of an overloaded answer."""

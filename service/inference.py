@@ -250,7 +250,7 @@ class InferenceCore:
 
     def _stop_before(self, served: ServedModel, depth: int, images: int, deadline: float | None) -> str | None:
         """Why the images still going must not go on to `depth`, or None: they may."""
-        cap = served.auto.load_cap(self.forecaster.forecast(served.name, served.model.depths, 1))
+        cap = served.auto.load_cap(self.forecaster.idle_ms(served.name, served.model.depths, 1))
         if cap is not None and depth > cap:
             return OVERLOAD
         if self.forecaster.queue_wait_ms((served.name, depth), images) > self.max_queue_wait_ms:

@@ -24,10 +24,12 @@ class LatencyProfile:
 
     def __init__(self):
         self._points: dict[int, dict[int, float]] = {}
+        self._sizes: dict[int, list[int]] = {}  # each depth's measured batch sizes, ascending
         self._correction: dict[int, float] = {}
 
     def record(self, depth: int, batch_size: int, ms: float) -> None:
         self._points.setdefault(depth, {})[batch_size] = ms
+        self._sizes[depth] = sorted(self._points[depth])  # once here, not in every forecast
         self._correction.setdefault(depth, 1.0)
 
     def predict_ms(self, depth: int, batch_size: int) -> float:
@@ -35,8 +37,7 @@ class LatencyProfile:
 
     def measured_ms(self, depth: int, batch_size: int) -> float:
         """The warm-up curve alone; below the smallest measured batch a batch costs what that one cost."""
-        points = self._points[depth]
-        sizes = sorted(points)
+        points, sizes = self._points[depth], self._sizes[depth]
         if batch_size <= sizes[0] or len(sizes) == 1:
             return points[sizes[0]] * max(1.0, batch_size / sizes[0])
         i = min(bisect.bisect_left(sizes, batch_size), len(sizes) - 1)
