@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2
 
 from modelrepo.manifest import CONFIG_FILE
 from service.errors import BadRequest, InvalidParameter, ModelNotFound
-from service.inference import Depth, InferRequest, InferResult, RequestContext, ServedModel
+from service.inference import ADAPTIVE, Depth, InferRequest, InferResult, RequestContext, ServedModel
 from service.statistics import Statistics
 
 BYTES_INPUT = "image"  # encoded image files, one per element
@@ -294,7 +294,7 @@ def depth_parameters(result) -> dict[str, int | str | float]:
     for depth=adaptive also per image, comma-separated in input order, `depths_used` and `depth_reasons`,
     and `gflops`, the compute the request's images took in all."""
     params: dict[str, int | str | float] = {"depth_used": max(image.depth for image in result.images)}
-    if result.depth_requested == "adaptive":
+    if result.depth_requested == ADAPTIVE:
         params["depths_used"] = ",".join(str(image.depth) for image in result.images)
         params["depth_reasons"] = ",".join(image.depth_reason for image in result.images)
     if all(image.gflops is not None for image in result.images):

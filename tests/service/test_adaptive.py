@@ -4,10 +4,9 @@ by the calibrated rule, the auto cap, deadlines, failures, metrics, and a manife
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 from sample_images import png
 
 import service.loading
+from bench.hostile import v2_bytes_request
 from modelrepo.adaptive import AdaptivePolicy, Stage, calibrated
 from modelrepo.manifest import dump, load, manifest_paths
 
@@ -34,11 +34,10 @@ def with_policy(repo: Path, threshold: float) -> Path:
 @pytest.fixture
 def policy_repo(repo_copy, tmp_path):
     """`policy_repo(threshold)`: a fresh copy of the tiny repository with that policy."""
-    made = []
+    numbers = itertools.count()
 
     def make(threshold: float) -> Path:
-        copy = Path(shutil.copytree(repo_copy, tmp_path / f"repo{len(made)}"))
-        made.append(copy)
+        copy = Path(shutil.copytree(repo_copy, tmp_path / f"repo{next(numbers)}"))
         return with_policy(copy, threshold)
 
     return make
@@ -52,13 +51,9 @@ IMAGES = [png(seed=s) for s in range(8)]
 
 
 async def v2(client: httpx.AsyncClient, image: bytes, depth) -> dict:
-    """One image over V2 (binary BYTES: a 4-byte length, then the file), logits only: the response body."""
-    element = struct.pack("<I", len(image)) + image
-    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(element)}}
-    header = {"inputs": [tensor], "parameters": {"depth": depth}}
-    encoded = json.dumps(header).encode()
-    r = await client.post("/v2/models/tiny/infer", content=encoded + element,
-                          headers={"Inference-Header-Content-Length": str(len(encoded))})  # fmt: skip
+    """One image over V2 (binary BYTES, as tritonclient sends it), logits only: the response body."""
+    headers, body = v2_bytes_request(image, parameters={"depth": depth})
+    r = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text
     return r.json()
 
