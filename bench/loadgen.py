@@ -1,8 +1,10 @@
-"""HTTP load generation against /classify: closed- and open-loop runs, a sweep of every image, their summary."""
+"""HTTP load generation against srvit's /classify (or a peer server's endpoint): closed- and open-loop runs, a sweep
+of every image, their summary."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import Counter
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench.hostile import v2_bytes_request
+
 MAX_OPEN_CONNECTIONS = 256  # open loop: past this many in flight, new requests wait for a connection
 
 
@@ -18,18 +22,60 @@ MAX_OPEN_CONNECTIONS = 256  # open loop: past this many in flight, new requests 
 
 
 @dataclass(frozen=True)
+class Wire:
+    """How a request carries its image and how the answer names the class. The default is srvit's /classify (the
+    image as the body, `depth`, `top_k` and `model` as query parameters). A peer server serves one depth at a
+    fixed path, with the image as the body, as a multipart `form_field`, or, `v2`, in a V2 binary BYTES
+    request (Triton's), whose BYTES output `answer` holds the same JSON as /classify's."""
+
+    path: str = "/classify"
+    form_field: str | None = None
+    v2: bool = False
+    srvit: bool = True  # srvit's own /classify, with its query parameters and /metrics
+
+
+SRVIT = Wire()
+
+
+@dataclass(frozen=True)
 class Target:
-    """What every request of a run asks for: POST {url}/classify?depth=..&top_k=1[&model=..]."""
+    """What every request of a run asks for: by default POST {url}/classify?depth=..&top_k=1[&model=..]."""
 
     url: str
-    depth: str  # "1".."max", "auto" or "adaptive"
+    depth: str  # "1".."max", "auto" or "adaptive"; a peer's: the one depth it serves, for the record
     model: str | None = None
     timeout_s: float = 30.0
+    wire: Wire = SRVIT
 
     @property
     def params(self) -> dict:
+        if not self.wire.srvit:
+            return {}
         params = {"depth": self.depth, "top_k": 1}
         return params | ({"model": self.model} if self.model else {})
+
+    def request(self, image: bytes) -> tuple[dict[str, str], bytes | aiohttp.FormData]:
+        """Headers and body of one request carrying `image`."""
+        if self.wire.v2:
+            return v2_bytes_request(image, outputs=[{"name": "answer", "parameters": {"binary_data": False}}])
+        if self.wire.form_field:
+            form = aiohttp.FormData()
+            form.add_field(self.wire.form_field, image, filename="image", content_type=image_type(image))
+            return {}, form
+        return {"content-type": image_type(image)}, image
+
+
+def image_type(image: bytes) -> str:
+    """The media type of the benchmark's images: PNG (Fashion-MNIST) or JPEG (photos)."""
+    return "image/png" if image.startswith(b"\x89PNG") else "image/jpeg"
+
+
+def read_answer(body: dict, wire: Wire) -> dict:
+    """The /classify-shaped answer inside a response body: a V2 response's `answer` output, else the body."""
+    if wire.v2:
+        answer = next(o for o in body["outputs"] if o["name"] == "answer")["data"][0]
+        return json.loads(answer)
+    return body
 
 
 @dataclass(frozen=True)
@@ -62,15 +108,16 @@ class Run:
 async def classify(client: aiohttp.ClientSession, target: Target, png: bytes, started: float, clock) -> Result:
     """Send one image; transport failures and unreadable answers become a Result too, so a run never dies of
     one bad request."""
+    headers, data = target.request(png)
     sent = clock()
     try:
         async with client.post(
-            target.url.rstrip("/") + "/classify", params=target.params, data=png, headers={"content-type": "image/png"}
+            target.url.rstrip("/") + target.wire.path, params=target.params, data=data, headers=headers
         ) as response:
             if response.status != 200:
                 await response.read()
                 return Result(started, clock(), response.status, sent=sent)
-            body = await response.json()
+            body = read_answer(await response.json(content_type=None), target.wire)
             depth, index = body.get("depth_used"), body["predictions"][0]["index"]
     except Exception as e:  # connection errors, timeouts, a 200 without the expected JSON
         return Result(started, clock(), f"error:{type(e).__name__}", sent=sent)
