@@ -199,14 +199,14 @@ async def sweep(target: Target, pngs: Sequence[bytes], concurrency: int) -> list
 
 
 def measure(target: Target, pngs: list[bytes], *, concurrency: int | None = None, rate: float | None = None,
-            duration_s: float, warmup_s: float) -> dict:  # fmt: skip
-    """One run, closed loop at `concurrency` or open loop at `rate`, summarized."""
+            duration_s: float, warmup_s: float, within_ms: float | None = None) -> dict:  # fmt: skip
+    """One run, closed loop at `concurrency` or open loop at `rate`, summarized (`within_ms`: see summarize)."""
     if rate is not None:
         run = asyncio.run(open_loop(target, pngs, rate, duration_s, warmup_s))
     else:
         run = asyncio.run(closed_loop(target, pngs, concurrency, duration_s, warmup_s))
     loop = {"concurrency": concurrency} if rate is None else {"rate": rate}
-    return {"depth": target.depth, **loop, **summarize(run)}
+    return {"depth": target.depth, **loop, **summarize(run, within_ms)}
 
 
 # -- summary ----------------------------------------------------------------------------------------
@@ -222,8 +222,9 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return float(sorted_values[rank - 1])
 
 
-def summarize(run: Run) -> dict:
-    """Throughput, latency of the answered requests, errors by status, depth mix.
+def summarize(run: Run, within_ms: float | None = None) -> dict:
+    """Throughput, latency of the answered requests (and their percentiles 1..100, for a CDF), errors by status,
+    depth mix; with `within_ms`, also the fraction of all requests answered within that many ms.
 
     Throughput spans the window or, when counted requests finished after it (open loop behind an
     overloaded server), until the last answer came: a server that falls behind shows it.
@@ -244,8 +245,14 @@ def summarize(run: Run) -> dict:
             "mean": sum(latencies_ms) / len(latencies_ms) if ok else math.nan,
             "max": latencies_ms[-1] if ok else math.nan,
         },
+        "latency_cdf_ms": [percentile(latencies_ms, p) for p in range(1, 101)] if ok else [],
         "depth_mix": {str(d): n / len(ok) for d, n in sorted(depths.items(), key=lambda kv: str(kv[0]))},
         "send_lag_ms_p99": percentile(sorted((r.sent - r.started) * 1000 for r in run.results if r.sent), 99),
         "window_s": window_s,
         "client_cpu_s": run.client_cpu_s,
-    }
+    } | ({} if within_ms is None else {"within_ms": within_ms, "answered_within": _within(run, ok, within_ms)})
+
+
+def _within(run: Run, ok: list[Result], within_ms: float) -> float:
+    """Answered (200) within `within_ms`, as a fraction of every request of the run."""
+    return sum(r.latency_s * 1000 <= within_ms for r in ok) / len(run.results) if run.results else math.nan
