@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus haproxy python3.11 python3.11-venv
+DEBIAN_TEST_PACKAGES := dataset-fashion-mnist prometheus haproxy python3.11 python3.11-venv wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # checkov pins dozens of packages of its own: it lives in its own virtual environment, away from the tests' pins.
 CHECKOV_VENV := .venv-checkov
@@ -14,7 +14,8 @@ CHECKOV := checkov==3.3.30
 # venv, made with Debian's /usr/bin/python3.11 (the backend stub links the system libpython).
 PYTRITON_VENV := .venv-pytriton
 
-.PHONY: serve test lint format train export bench gpu-check clean debian-packages
+.PHONY: serve test lint format train export bench bench-peers bench-peers-quick bench-peers-venvs gpu-check clean \
+	debian-packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,10 +68,23 @@ export: $(VENV)/.test debian-packages
 bench: $(VENV)/.test debian-packages
 	$(BIN)/srvit bench matrix --repo model_repo
 
+# srvit against Triton (PyTriton), Ray Serve, BentoML, LitServe and a naive server, each in its own venv under
+# .venv-peers/ (never in .venv or the tests' install). The full run takes about an hour; the quick one a few minutes.
+PEERS := naive pytriton ray bentoml litserve
+
+bench-peers-venvs: debian-packages
+	for peer in $(PEERS); do bash scripts/peers-venv.sh $$peer || exit 1; done
+
+bench-peers: $(VENV)/.test bench-peers-venvs
+	$(BIN)/srvit bench peers
+
+bench-peers-quick: $(VENV)/.test bench-peers-venvs
+	$(BIN)/srvit bench peers --quick
+
 # On a machine with an NVIDIA GPU, its driver and PyPI: installs .venv-gpu, runs pytest -m gpu, exports with TensorRT
 # fp16, serves and benchmarks every depth on TensorRT, prints one summary (runs/gpu-check/summary.md). ~8 minutes.
 gpu-check:
 	bash scripts/gpu-check.sh
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) $(PYTRITON_VENV) .venv-gpu .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(PYTRITON_VENV) .venv-peers .venv-gpu .pytest_cache .ruff_cache

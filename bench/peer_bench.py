@@ -46,14 +46,14 @@ class Peer:
 
     name: str
     module: str
-    venv: str
+    venv: str  # relative to the repository root
     package: str
     delays_ms: tuple[float, ...]
     default_delay_ms: float = 0.0
 
     @property
     def python(self) -> Path:
-        return ROOT / ".venv-peers" / self.venv / "bin" / "python"
+        return ROOT / self.venv / "bin" / "python"
 
     @property
     def wire(self) -> Wire:
@@ -70,11 +70,11 @@ class Peer:
 # The batch-wait values tried span each framework's own default: Triton 0, Ray Serve 10 ms, BentoML's adaptive
 # batcher's upper bound, LitServe 0 (batch_timeout).
 PEERS = (
-    Peer("triton", "bench.peers.pytriton_server", "pytriton", "nvidia-pytriton", (0, 1, 5), 0),
-    Peer("ray-serve", "bench.peers.ray_serve", "ray", "ray", (1, 5, 10), 10),
-    Peer("bentoml", "bench.peers.bentoml_service", "bentoml", "bentoml", (1, 5, 10), 10),
-    Peer("litserve", "bench.peers.litserve_app", "litserve", "litserve", (0, 1, 5), 0),
-    Peer("naive", "bench.peers.naive", "naive", "fastapi", ()),
+    Peer("triton", "bench.peers.pytriton_server", ".venv-peers/pytriton", "nvidia-pytriton", (0, 1, 5), 0),
+    Peer("ray-serve", "bench.peers.ray_serve", ".venv-peers/ray", "ray", (1, 5, 10), 10),
+    Peer("bentoml", "bench.peers.bentoml_service", ".venv-peers/bentoml", "bentoml", (1, 5, 10), 10),
+    Peer("litserve", "bench.peers.litserve_app", ".venv-peers/litserve", "litserve", (0, 1, 5), 0),
+    Peer("naive", "bench.peers.naive", ".venv-peers/naive", "fastapi", ()),
 )
 
 
