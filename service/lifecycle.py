@@ -92,7 +92,8 @@ class Service:
         self.pool = ThreadPoolExecutor(s.preprocess_threads, thread_name_prefix="srvit-preprocess")
         priority = PriorityPolicy(s.priority_levels, s.default_priority_level, s.priority_step_ms / 1000)
         self.core = InferenceCore(self.served, self.device.batcher, self.forecaster, self.pool, self.metrics,
-                                  self.statistics, s.default_top_k, priority, s.max_queue_wait_ms)  # fmt: skip
+                                  self.statistics, s.default_top_k, priority, s.max_queue_wait_ms,
+                                  s.inline_decode_max_pixels)  # fmt: skip
         self.device.start()
         await self._start_front_ends()
         self.state = READY

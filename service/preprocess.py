@@ -92,13 +92,34 @@ class Preprocessor:
     def decode(self, data: bytes) -> Image.Image:
         """Bytes -> upright image in `channels` mode, resized so its shorter side is `resize_size`."""
         with _pillow_errors():
-            img = self._open(data)
-            img.seek(0)
-            target = self._resize_target(img.size)
-            self._draft(img, target)
-            img, target = _load_upright(img, target)
-            img = to_channels(img, self.channels, self.background)
-            return img if img.size == target else img.resize(target, Image.Resampling.BILINEAR)
+            return self._decode_opened(self._open(data))
+
+    def open_small(self, data: bytes, max_pixels: int) -> Image.Image | None:
+        """The image, its header read, when it and its resize both have at most `max_pixels` pixels (a decode
+        that costs less than handing it to a thread); None when larger, or unreadable: `__call__` then raises
+        the error where it always does. Finish it with `finish`."""
+        if self.resize_size**2 > max_pixels:
+            return None
+        try:
+            with _pillow_errors():
+                img = self._open(data)
+        except ServiceError:
+            return None
+        return img if img.size[0] * img.size[1] <= max_pixels else None
+
+    def finish(self, img: Image.Image) -> np.ndarray:
+        """An image `open_small` opened -> float32 [C, H, W], exactly as `__call__` would have made it."""
+        with _pillow_errors():
+            img = self._decode_opened(img)
+        return self.to_tensor(img)
+
+    def _decode_opened(self, img: Image.Image) -> Image.Image:
+        img.seek(0)
+        target = self._resize_target(img.size)
+        self._draft(img, target)
+        img, target = _load_upright(img, target)
+        img = to_channels(img, self.channels, self.background)
+        return img if img.size == target else img.resize(target, Image.Resampling.BILINEAR)
 
     def to_tensor(self, img: Image.Image) -> np.ndarray:
         """Center crop, [0, 1], normalize: numpy only, same float32 arithmetic as the training transform."""

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "queued requests get 503 at once",
     )
     preprocess_threads: int = Field(2, ge=1, description="threads decoding images off the event loop")
+    inline_decode_max_pixels: int = Field(
+        16384,
+        ge=0,
+        description="a lone image of at most this many pixels, for a model whose resize is no larger, is decoded on "
+        "the event loop: cheaper than the hop to a decoding thread and back (0: every image goes to the threads)",
+    )
     shutdown_delay_s: float = Field(
         5.0,
         ge=0,

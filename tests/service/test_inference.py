@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -268,3 +269,24 @@ async def test_body_bytes_are_held_until_the_request_ends_and_a_body_past_the_bu
     assert acc.buffered_bytes == 0
     rejected = metrics.registry.get_sample_value("srvit_rejections_total", {"model": "", "reason": "buffered_bytes"})
     assert rejected == 1
+
+
+async def test_a_lone_small_image_is_decoded_on_the_event_loop_and_larger_ones_in_the_pool(core):
+    on_loop = []
+    core.pool.submit(lambda: None).result()  # the pool's threads exist: what runs there is not on the loop thread
+    preprocessor = core.served["tiny"].preprocessor
+    calls = preprocessor.__call__
+
+    class Spy(type(preprocessor)):
+        def __call__(self, data):
+            on_loop.append(threading.current_thread() is threading.main_thread())
+            return calls(data)
+
+    preprocessor.__class__ = Spy
+    core.inline_decode_max_pixels = 16384
+    inline = await core.infer(request([png()]))
+    await core.infer(request([png(), png()]))  # two images: each in the pool, decoded side by side
+    core.inline_decode_max_pixels = 0
+    pooled = await core.infer(request([png()]))
+    assert on_loop == [False, False, False]  # only the pool's decodes go through __call__
+    np.testing.assert_array_equal(inline.logits, pooled.logits)

@@ -338,3 +338,32 @@ def test_pillow_bomb_limit_never_refuses_an_image_within_ours(monkeypatch):
     data = encode(halves(60, 60), "PNG")  # 3600 pixels: over 2 * 1000, within 10000
     assert Preprocessor(PIXELS, max_pixels=10_000)(data).shape == (1, 16, 16)
     assert Image.MAX_IMAGE_PIXELS == 10_000  # raised to ours, never lowered
+
+
+def test_a_small_image_opened_for_the_event_loop_decodes_exactly_as_the_pool_would():
+    pre = Preprocessor(FASHION, MAX_PIXELS)
+    for data in (encode(photo(28, 28, "L"), "PNG"), encode(photo(40, 30), "JPEG"), encode(translucent(20, 20), "PNG")):
+        img = pre.open_small(data, 16384)
+        assert img is not None
+        np.testing.assert_array_equal(pre.finish(img), pre(data))
+
+
+def test_large_images_unreadable_bytes_and_large_resizes_are_left_to_the_pool():
+    fashion, imagenet = Preprocessor(FASHION, MAX_PIXELS), Preprocessor(IMAGENET, MAX_PIXELS)
+    assert fashion.open_small(encode(photo(200, 100), "PNG"), 16384) is None  # 20,000 pixels
+    assert fashion.open_small(b"not an image", 16384) is None
+    assert fashion.open_small(png_declaring(100_000, 100_000), 16384) is None  # over the pixel limit too
+    assert imagenet.open_small(encode(photo(28, 28), "PNG"), 16384) is None  # a 256x256 resize is no small decode
+    assert fashion.open_small(encode(photo(28, 28, "L"), "PNG"), 0) is None  # 0: every image to the pool
+    with pytest.raises(InvalidImage):  # the pool then raises what it always did
+        fashion(b"not an image")
+
+
+def test_a_truncated_small_image_fails_as_a_client_error_when_finished():
+    pre = Preprocessor(FASHION, MAX_PIXELS)
+    data = encode(photo(28, 28, "L"), "PNG")
+    img = pre.open_small(data[: len(data) // 2], 16384)
+    assert img is not None  # its header is whole
+    with pytest.raises(ServiceError) as e:
+        pre.finish(img)
+    assert 400 <= e.value.status < 500
