@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FASHION, SMALL = "srvit_fashion", "srvit_small_patch16_224"
 LATENCY_TARGET_MS = 100.0  # srvit's `auto` and `adaptive` target in every run, as the README's example sets it
 PINNED = {"server": {1}, "client": {0}}  # the server on core 1, the load generator (and wrk) on core 0
+SATURATED = 32  # the concurrency the frontier, the model-bound cells and the headline compare at
 PHOTO_SIZES = ((320, 240), (640, 480), (1024, 768), (2048, 1536))  # JPEGs cycled through in the model-bound runs
 
 
@@ -67,12 +68,13 @@ class Peer:
         return subprocess.run([self.python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
-# The batch-wait values tried span each framework's own default: Triton 0, Ray Serve 10 ms, BentoML's adaptive
-# batcher's upper bound, LitServe 0 (batch_timeout).
+# The batch-wait values tried span each framework's own default: Triton 0, Ray Serve 10 ms, LitServe 0
+# (batch_timeout). BentoML's adaptive batcher learns its own wait (its max_latency_ms is a deadline, past which it
+# answers 503): nothing to tune.
 PEERS = (
     Peer("triton", "bench.peers.pytriton_server", ".venv-peers/pytriton", "nvidia-pytriton", (0, 1, 5), 0),
     Peer("ray-serve", "bench.peers.ray_serve", ".venv-peers/ray", "ray", (1, 5, 10), 10),
-    Peer("bentoml", "bench.peers.bentoml_service", ".venv-peers/bentoml", "bentoml", (1, 5, 10), 10),
+    Peer("bentoml", "bench.peers.bentoml_service", ".venv-peers/bentoml", "bentoml", ()),
     Peer("litserve", "bench.peers.litserve_app", ".venv-peers/litserve", "litserve", (0, 1, 5), 0),
     Peer("naive", "bench.peers.naive", ".venv-peers/naive", "fastapi", ()),
 )
@@ -103,7 +105,8 @@ def run_peers(args: argparse.Namespace) -> int:
     missing = [p.name for p in peers if not p.python.exists()]
     if missing:
         raise SystemExit(f"no virtual environment for {missing}: run `make bench-peers-venvs` first")
-    report = {"machine": machine_facts(), "plan": plan.__dict__, "latency_target_ms": LATENCY_TARGET_MS,
+    cores = {"pinned": {k: sorted(v) for k, v in PINNED.items()}, "shared": "server and client on every CPU"}
+    report = {"machine": machine_facts(), "plan": plan.__dict__, "latency_target_ms": LATENCY_TARGET_MS, "cores": cores,
               "servers": {"srvit": {"version": report_version(), "config": srvit_env()}},
               "runs": [], "tuning": [], "wrk": [], "raw": [], "top1": {}}  # fmt: skip
     for peer in peers:
@@ -193,7 +196,7 @@ class Bench:
             if full:
                 extra = [str(d) for d in (depths or range(1, max_depth))] + ["auto", "adaptive"]
                 for depth in extra:
-                    self.closed(server, images, tag | {"server": "srvit"}, depth, (1, max(cells)), model)
+                    self.closed(server, images, tag | {"server": "srvit"}, depth, (1, SATURATED), model)
                 capacity = max(r["images_per_s"] for r in rows)
                 for depth in ("auto", "adaptive", str(max_depth)):
                     self.open(server, images, tag | {"server": "srvit"}, depth, capacity, model)
@@ -262,7 +265,7 @@ class Bench:
         """Every depth, pinned: c=1 and the highest concurrency for each server, and ONNX Runtime alone at the
         batch srvit formed."""
         photos = [jpeg for size in PHOTO_SIZES for jpeg in jpegs(size, 8)]
-        cells = (1, max(self.plan.concurrency))
+        cells = (1, SATURATED)
         depths = self.plan.small_depths
         tag = {"workload": SMALL, "placement": "pinned", "round": 1}
         self.srvit_cells(repo, photos, "pinned", tag, cells, max(depths), full=True, depths=depths[:-1])
@@ -276,9 +279,8 @@ class Bench:
 
     def raw(self, repo: Path) -> None:
         model = load_models(repo)[SMALL]
-        saturated = max(self.plan.concurrency)
         for row in [r for r in self.report["runs"] if r["workload"] == SMALL and r["server"] == "srvit"
-                    and r["kind"] == "closed" and r["concurrency"] == saturated and r["depth"].isdigit()]:  # fmt: skip
+                    and r["kind"] == "closed" and r["concurrency"] == SATURATED and r["depth"].isdigit()]:  # fmt: skip
             batch = max(1, round(row.get("mean_batch") or 1))
             with pinned(PINNED["server"]):
                 raw = raw_throughput(
