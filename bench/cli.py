@@ -9,6 +9,8 @@ from bench.accuracy import run_accuracy
 from bench.load import run_load
 from bench.matrix import run_matrix
 from bench.memory import run_memory
+from bench.model_level import add_model_level_parser, run_model_level
+from bench.peer_bench import PEERS, run_peers
 from bench.soak import run_soak
 from modelrepo.idx import FASHION_MNIST_DIR
 
@@ -48,6 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     matrix.add_argument("--client-cpus", type=_cpus, default=None, help="pin this load generator, e.g. 0")
     matrix.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for <tag>.json and .md")
     matrix.add_argument("--tag", default="cpu", help="file name stem of the results")
+
+    peers = sub.add_parser("peers", help="start srvit and its peers (Triton, Ray Serve, BentoML, LitServe, naive), "
+                           "benchmark them side by side, write docs/benchmarks/")  # fmt: skip
+    peers.add_argument("--quick", action="store_true", help="a few minutes: fashion, pinned, c=1 and 32, no tuning")
+    peers.add_argument("--peers", type=_names, default=None, help=f"only these, of {','.join(p.name for p in PEERS)}")
+    peers.add_argument("--repo", type=Path, default=Path("model_repo"), help="the repository holding srvit_fashion")
+    peers.add_argument("--data", type=Path, default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX folder")
+    peers.add_argument("--small-dir", type=Path, default=Path("runs/peers"),
+                       help="where srvit_small_patch16_224 (random weights) is exported, or reused from")  # fmt: skip
+    peers.add_argument("--no-model-level", action="store_true", help="skip the model-level runs of the full run")
+    peers.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for <tag>.json, .md, plots")
+    peers.add_argument("--tag", default=None, help="file name stem of the results (default: peers or peers-quick)")
+
+    add_model_level_parser(sub)
 
     memory = sub.add_parser("memory", help="start a server, send rounds of 12 MP photos and abuse, report its memory")
     memory.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository to serve")
@@ -95,6 +111,14 @@ def _depths(text: str) -> list[str]:
     return values
 
 
+def _names(text: str) -> list[str]:
+    known = {p.name for p in PEERS}
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or set(names) - known:
+        raise argparse.ArgumentTypeError(f"need peer names from {','.join(sorted(known))}, got {text!r}")
+    return names
+
+
 def _cpus(text: str) -> set[int]:
     """'0,2-3' -> {0, 2, 3}, the taskset notation."""
     cpus = set()
@@ -105,6 +129,6 @@ def _cpus(text: str) -> set[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    return {"load": run_load, "accuracy": run_accuracy, "matrix": run_matrix, "memory": run_memory, "soak": run_soak}[
-        args.mode
-    ](args)
+    modes = {"load": run_load, "accuracy": run_accuracy, "matrix": run_matrix, "memory": run_memory,
+             "soak": run_soak, "peers": run_peers, "model-level": run_model_level}  # fmt: skip
+    return modes[args.mode](args)

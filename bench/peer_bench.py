@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FASHION, SMALL = "srvit_fashion", "srvit_small_patch16_224"
 LATENCY_TARGET_MS = 100.0  # srvit's `auto` and `adaptive` target in every run, as the README's example sets it
 PINNED = {"server": {1}, "client": {0}}  # the server on core 1, the load generator (and wrk) on core 0
-SATURATED = 32  # the concurrency the frontier, the model-bound cells and the headline compare at
+SATURATED = 32  # the concurrency the frontier and the headline compare at
+SMALL_CONCURRENCY = 8  # the model-bound cells: a batch of 8 at depth 4 takes about a second there
 PHOTO_SIZES = ((320, 240), (640, 480), (1024, 768), (2048, 1536))  # JPEGs cycled through in the model-bound runs
 
 
@@ -93,6 +94,7 @@ class Plan:
     small_depths: tuple[int, ...]  # depths of the model-bound workload (empty: skip it)
     wrk: bool
     overload: float = 1.5
+    small_duration_s: float = 20.0  # each model-bound cell: enough batches of seconds each
 
 
 QUICK = Plan((1, 32), 3.0, 1.0, ("pinned",), 1, False, (), True)
@@ -185,8 +187,8 @@ class Bench:
                                         cells, max_depth, overload=round_ == 1, wrk=round_ == 1)  # fmt: skip
                     self.save()
 
-    def srvit_cells(self, repo: Path, images, placement: str, tag: dict, cells, max_depth: int, full: bool,
-                    depths: tuple[int, ...] | None = None) -> None:  # fmt: skip
+    def srvit_cells(self, repo: Path, images, placement: str, tag: dict, cells, max_depth: int,
+                    full: bool) -> None:  # fmt: skip
         """srvit's cells: max depth at every concurrency; with `full`, also the other depths, auto and adaptive at
         c=1 and the highest concurrency (the frontier), the overload, and wrk's cross-check."""
         cpus = _cpus(placement)
@@ -194,7 +196,7 @@ class Bench:
         with served(repo, srvit_env(), cpus["server"]) as server, pinned(cpus["client"]):
             rows = self.closed(server, images, tag | {"server": "srvit"}, str(max_depth), cells, model)
             if full:
-                extra = [str(d) for d in (depths or range(1, max_depth))] + ["auto", "adaptive"]
+                extra = [str(d) for d in range(1, max_depth)] + ["auto", "adaptive"]
                 for depth in extra:
                     self.closed(server, images, tag | {"server": "srvit"}, depth, (1, SATURATED), model)
                 capacity = max(r["images_per_s"] for r in rows)
@@ -216,12 +218,12 @@ class Bench:
         return rows
 
     def closed(self, server: Server, images, tag: dict, depth: str, cells, model: str | None,
-               wire: Wire = SRVIT) -> list[dict]:  # fmt: skip
+               wire: Wire = SRVIT, duration_s: float | None = None) -> list[dict]:  # fmt: skip
         rows = []
         for concurrency in cells:
             before = server.metrics() if wire.srvit else None
-            row = measure(Target(server.url, depth, model, wire=wire), images, concurrency=concurrency,
-                          duration_s=self.plan.duration_s, warmup_s=self.plan.warmup_s)  # fmt: skip
+            row = measure(Target(server.url, depth, model, timeout_s=60, wire=wire), images, concurrency=concurrency,
+                          duration_s=duration_s or self.plan.duration_s, warmup_s=self.plan.warmup_s)  # fmt: skip
             if before is not None and depth.isdigit():
                 row["mean_batch"] = mean_batch(before, server.metrics(), model, int(depth))
             row |= tag | {"kind": "closed"}
@@ -248,39 +250,55 @@ class Bench:
         self.report["wrk"].append(row)
 
     def model_level(self, workloads: dict[str, Path], small_dir: Path) -> None:
-        """ONNX Runtime against PyTorch eager and torch.compile, per depth and batch, pinned to the server's core."""
+        """ONNX Runtime against PyTorch eager and torch.compile, per depth and batch, on every core (nothing else
+        runs then). The model-bound model's calls take seconds at batch 32: fewer, shorter repetitions, and no
+        torch.compile (21-97 s of compiling per cell, 9 minutes in all, measured here)."""
         from bench.model_level import measure_model
 
         checkpoints = {FASHION: ROOT / "srvit" / "checkpoints" / f"{FASHION}.safetensors",
                        SMALL: small_dir / f"{SMALL}.safetensors"}  # fmt: skip
+        options = {FASHION: {}, SMALL: {"seconds": 1.0, "repetitions": 3, "compile": False}}
         self.report["model_level"] = {}
-        with pinned(PINNED["server"]):
-            for name, repo in workloads.items():
-                self.report["model_level"][name] = measure_model(checkpoints[name], repo, name)
-                self.save()
+        for name, repo in workloads.items():
+            self.report["model_level"][name] = measure_model(checkpoints[name], repo, name, **options[name])
+            self.save()
 
     # -- the model-bound workload --------------------------------------------------------------------
 
     def small(self, peers: list[Peer], delays: dict[str, float], repo: Path) -> None:
-        """Every depth, pinned: c=1 and the highest concurrency for each server, and ONNX Runtime alone at the
-        batch srvit formed."""
+        """Every depth, pinned, at SMALL_CONCURRENCY for each server (a depth-4 image costs tens of ms on one core:
+        the throughput, not the queue, is what is compared), and ONNX Runtime alone at the batch srvit formed.
+        Random weights: no accuracy, no adaptive policy, so no auto or adaptive here."""
         photos = [jpeg for size in PHOTO_SIZES for jpeg in jpegs(size, 8)]
-        cells = (1, SATURATED)
-        depths = self.plan.small_depths
-        tag = {"workload": SMALL, "placement": "pinned", "round": 1}
-        self.srvit_cells(repo, photos, "pinned", tag, cells, max(depths), full=True, depths=depths[:-1])
+        depths, cells = self.plan.small_depths, (SMALL_CONCURRENCY,)
+        tag = {"workload": SMALL, "placement": "pinned", "round": 1, "server": "srvit"}
+        # Batches of at most SMALL_CONCURRENCY, for srvit and every peer (no larger batch can form here): a batch of 32
+        # at depth 3 takes over 15 s on one core, and srvit refuses to start with a batch its device timeout (30 s)
+        # could call hung, naming this setting. Start-up then measures batches of 1 and 8 only. And a queue-wait bound
+        # above one batch's run (seconds here): the default 1 s bound would refuse all but the batch running.
+        env = srvit_env() | {"SRVIT_MAX_BATCH_SIZE": str(SMALL_CONCURRENCY),
+                             "SRVIT_WARMUP_BATCH_SIZES": f"1,{SMALL_CONCURRENCY}",
+                             "SRVIT_MAX_QUEUE_WAIT_MS": "30000"}  # fmt: skip
+        with served(repo, env, PINNED["server"], ready_timeout_s=900) as server, pinned(PINNED["client"]):
+            for depth in depths:
+                self.closed(server, photos, tag, str(depth), cells, SMALL, duration_s=self.plan.small_duration_s)
         self.save()
         for peer in peers:
             for depth in depths:
-                self.peer_cells(peer, delays[peer.name], repo / f"{SMALL}_d{depth}", photos, "pinned", tag, cells,
-                                depth, overload=depth == max(depths), wrk=False)  # fmt: skip
+                folder = repo / f"{SMALL}_d{depth}"
+                with (
+                    peer_served(peer, folder, PINNED["server"], delays[peer.name], SMALL_CONCURRENCY) as server,
+                    pinned(PINNED["client"]),
+                ):
+                    self.closed(server, photos, tag | {"server": peer.name}, str(depth), cells, None, peer.wire,
+                                duration_s=self.plan.small_duration_s)  # fmt: skip
                 self.save()
         self.raw(repo)
 
     def raw(self, repo: Path) -> None:
         model = load_models(repo)[SMALL]
         for row in [r for r in self.report["runs"] if r["workload"] == SMALL and r["server"] == "srvit"
-                    and r["kind"] == "closed" and r["concurrency"] == SATURATED and r["depth"].isdigit()]:  # fmt: skip
+                    and r["kind"] == "closed" and r["depth"].isdigit()]:  # fmt: skip
             batch = max(1, round(row.get("mean_batch") or 1))
             with pinned(PINNED["server"]):
                 raw = raw_throughput(
@@ -308,14 +326,14 @@ def report_version() -> str:
 
 
 @contextmanager
-def peer_served(peer: Peer, folder: Path, cpus: set[int] | None, delay_ms: float,
+def peer_served(peer: Peer, folder: Path, cpus: set[int] | None, delay_ms: float, max_batch: int = 32,
                 ready_timeout_s: float = 180.0) -> Iterator[Server]:  # fmt: skip
     """A peer's server process (and all it starts, in its own process group) serving `folder`, ready."""
     module = importlib.import_module(peer.module)
     port = free_port()
     log = Path(tempfile.mkstemp(prefix=f"peer-{peer.name}-", suffix=".log")[1])
     command = [str(peer.python), "-m", peer.module, "--folder", str(folder), "--host", "127.0.0.1", "--port",
-               str(port), "--max-batch", "32", "--max-delay-ms", f"{delay_ms:g}"]  # fmt: skip
+               str(port), "--max-batch", str(max_batch), "--max-delay-ms", f"{delay_ms:g}"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SRVIT_", "VIRTUAL_ENV"))}
     env |= {"PYTHONPATH": str(ROOT), "PATH": f"{peer.python.parent}:{env.get('PATH', '')}"}
     with pinned(cpus), log.open("wb") as out:
@@ -386,15 +404,15 @@ def small_repo(folder: Path) -> Path:
 
     from export.pipeline import export_checkpoint
     from srvit.checkpoint import save_checkpoint
+    from srvit.data import Preprocessing
     from srvit.registry import create_model
 
     console.print(f"exporting {SMALL} (random weights) into {repo}: a few minutes")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     torch.manual_seed(0)
-    meta = {"labels": [f"class_{i}" for i in range(1000)],
-            "preprocessing": {"input_size": 224, "channels": "RGB", "mean": [0.485, 0.456, 0.406],
-                              "std": [0.229, 0.224, 0.225], "resize_size": 256}}  # fmt: skip
-    save_checkpoint(checkpoint, create_model(SMALL).eval(), meta)
+    model = create_model(SMALL).eval()
+    labels = [f"class_{i}" for i in range(model.cfg.num_classes)]
+    save_checkpoint(checkpoint, model, {"labels": labels, "preprocessing": Preprocessing.imagenet(224).to_dict()})
     export_checkpoint(checkpoint, SMALL, repo, data=None, parity_images=8, max_batch=32)
     return repo
