@@ -98,6 +98,13 @@ def concurrencies(rows: list[dict]) -> list[int]:
     return sorted({r["concurrency"] for r in rows})
 
 
+def frontier_concurrency(rows: list[dict]) -> int:
+    """The highest concurrency at which srvit ran most depths: the frontier's other end (the max depth alone
+    also runs at higher ones)."""
+    counts = {c: len({r["depth"] for r in rows if r["concurrency"] == c}) for c in concurrencies(rows)}
+    return max(counts, key=lambda c: (counts[c], c))
+
+
 def frontier_depths(rows: list[dict]) -> list[str]:
     """Numeric depths ascending, then `auto` and `adaptive`."""
     depths = {r["depth"] for r in rows}
@@ -467,7 +474,7 @@ def frontier_section(report: dict, plots: dict[str, str]) -> list[str]:
     rows = closed(report, workload=FASHION, placement="pinned", round=1, server=SRVIT)
     if len(frontier_depths(rows)) < 2:
         return []
-    high = max(concurrencies(rows))
+    high = frontier_concurrency(rows)
     body = []
     for depth in frontier_depths(rows):
         lo, hi = cell(rows, depth=depth, concurrency=1), cell(rows, depth=depth, concurrency=high)
@@ -631,7 +638,7 @@ def frontier_plot(report: dict) -> Figure | None:
     mine = select(rows, server=SRVIT)
     if not mine or not math.isfinite(top1(report, FASHION, mine[0])):
         return None
-    high = max(concurrencies(mine))
+    high = frontier_concurrency(mine)
     fig, axes = figure(2)
     for ax, concurrency, x in ((axes[0], 1, lambda r: lat(r, "p50")), (axes[1], high, rate)):
         frontier_panel(report, ax, select(rows, concurrency=concurrency), x)
