@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import cpu_model
+
 BATCHES = (1, 8, 32)
 RUNTIMES = ("onnxruntime", "eager", "compile")
 PEAK_RUNTIMES = ("onnxruntime", "numpy", "torch")
@@ -237,18 +239,8 @@ def measure_model(checkpoint, repo, model, batches=BATCHES, seconds=2.0, repetit
 
 def machine() -> dict:
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "cpus_usable": len(cpus),
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "cpus_usable": len(cpus),
             "loadavg_at_start": os.getloadavg(), "python": platform.python_version()}  # fmt: skip
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def say(text: str) -> None:

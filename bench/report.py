@@ -79,7 +79,7 @@ def machine_facts() -> dict:
     import onnxruntime as ort
 
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "loadavg_at_start": os.getloadavg(),
@@ -92,7 +92,7 @@ def machine_facts() -> dict:
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

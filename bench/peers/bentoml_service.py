@@ -7,7 +7,6 @@ The image arrives as BentoML documents files: multipart/form-data, a `Path` fiel
 APIs take), decoded by a validator of that field before the request joins a batch.
 """
 
-import argparse
 import ctypes
 import functools
 import json
@@ -105,12 +104,9 @@ class _FirstItem:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", required=True, help="one depth's folder of the model repository")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-delay-ms", type=float, default=2.0, help="ignored: BentoML learns its own wait")
+    from bench.peers.common import peer_parser
+
+    parser = peer_parser(__doc__)  # --max-delay-ms is ignored: BentoML learns its own wait
     parser.add_argument("--max-latency-ms", type=int, default=60_000, help="BentoML's shedding deadline (its default)")
     args = parser.parse_args(argv)
 

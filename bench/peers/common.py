@@ -84,10 +84,15 @@ def depth_folder(repo: Path | str, model: str, depth: int) -> Path:
 def peer_args(argv: list[str] | None, doc: str) -> argparse.Namespace:
     """The flags every peer module takes (the benchmark starts each the same way); a peer that does not batch
     ignores the batch flags."""
+    return peer_parser(doc).parse_args(argv)
+
+
+def peer_parser(doc: str) -> argparse.ArgumentParser:
+    """peer_args' parser, for a peer with a flag of its own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--folder", required=True, help="one depth's folder of the model repository")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="largest batch")
     parser.add_argument("--max-delay-ms", type=float, default=0.0, help="how long a batch may wait to fill")
-    return parser.parse_args(argv)
+    return parser

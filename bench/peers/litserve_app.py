@@ -8,7 +8,6 @@ decode_request (so the decoding happens in the inference worker, one image after
 
 from __future__ import annotations
 
-import argparse
 import functools
 import signal
 import sys
@@ -65,13 +64,9 @@ def _classifier_api() -> type:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", required=True, help="one depth's folder of the model repository")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-delay-ms", type=float, default=2.0)
-    args = parser.parse_args(argv)
+    from bench.peers.common import peer_args
+
+    args = peer_args(argv, __doc__)
 
     import litserve as ls
 

@@ -8,7 +8,6 @@ on the replica's model method. The image arrives as Ray Serve's plain HTTP deplo
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -22,13 +21,9 @@ FORM_FIELD = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", required=True, help="one depth's folder of the model repository")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-delay-ms", type=float, default=2.0)
-    args = parser.parse_args(argv)
+    from bench.peers.common import peer_args
+
+    args = peer_args(argv, __doc__)
     folder = os.path.abspath(args.folder)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report: it would try to reach Ray's servers
