@@ -99,7 +99,9 @@ async def test_time_spent_before_the_device_queue_counts_toward_the_target(servi
     """Backed-up decoding leaves the device queue empty while a request is already late: it is served shallower,
     but one slow request does not move the server-wide auto depth."""
     slowed(10)  # an idle device: depth 1, 2, 3 take 10, 20, 30 ms, plus a 2 ms batch window
-    settings = {"latency_target_ms": 100, "max_queue_delay_ms": 2, "auto_step_up_hold_s": 60}
+    # Every image through the decoding pool (none decoded on the event loop), where the slow decode below sits.
+    settings = {"latency_target_ms": 100, "max_queue_delay_ms": 2, "auto_step_up_hold_s": 60,
+                "inline_decode_max_pixels": 0}  # fmt: skip
     async with serving(**settings) as (_, client):
         fast = (await client.post("/classify", **raw(depth="auto"))).json()
         decode = service.preprocess.Preprocessor.__call__
