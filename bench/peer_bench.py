@@ -26,6 +26,7 @@ from bench.images import load_pngs
 from bench.loadgen import SRVIT, Target, Wire, measure
 from bench.matrix import raw_throughput
 from bench.models import load_models
+from bench.peers.common import depth_folder
 from bench.photos import jpegs
 from bench.report import console, load_line, machine_facts, write_json
 from bench.scrape import mean_batch
@@ -108,8 +109,9 @@ def run_peers(args: argparse.Namespace) -> int:
     if missing:
         raise SystemExit(f"no virtual environment for {missing}: run `make bench-peers-venvs` first")
     cores = {"pinned": {k: sorted(v) for k, v in PINNED.items()}, "shared": "server and client on every CPU"}
-    report = {"machine": machine_facts(), "plan": plan.__dict__, "latency_target_ms": LATENCY_TARGET_MS, "cores": cores,
-              "servers": {"srvit": {"version": report_version(), "config": srvit_env()}},
+    machine = machine_facts()
+    report = {"machine": machine, "plan": plan.__dict__, "latency_target_ms": LATENCY_TARGET_MS, "cores": cores,
+              "servers": {"srvit": {"version": machine["git_commit"] or "unknown", "config": srvit_env()}},
               "runs": [], "tuning": [], "wrk": [], "raw": [], "top1": {}}  # fmt: skip
     for peer in peers:
         report["servers"][peer.name] = {"package": peer.package, "version": peer.version(), "module": peer.module}
@@ -120,10 +122,11 @@ def run_peers(args: argparse.Namespace) -> int:
         report["top1"][name] = top1(repo, name)
     tag = args.tag or ("peers-quick" if args.quick else "peers")
     bench = Bench(plan, report, args.out / f"{tag}.json")
-    delays = bench.tune(peers, args.repo) if plan.tune else {p.name: p.default_delay_ms for p in peers}
+    pngs, _ = load_pngs(args.data, 1000)
+    delays = bench.tune(peers, args.repo, pngs) if plan.tune else {p.name: p.default_delay_ms for p in peers}
     for peer in peers:
         report["servers"][peer.name]["config"] = {"max_batch": 32, "max_delay_ms": delays[peer.name]}
-    bench.fashion(peers, delays, args.repo, args.data)
+    bench.fashion(peers, delays, args.repo, pngs)
     if plan.small_depths:
         bench.small(peers, delays, workloads[SMALL])
     if not args.quick and not args.no_model_level:
@@ -145,16 +148,15 @@ class Bench:
 
     # -- the configurations tried -------------------------------------------------------------------
 
-    def tune(self, peers: list[Peer], repo: Path) -> dict[str, float]:
+    def tune(self, peers: list[Peer], repo: Path, pngs: list[bytes]) -> dict[str, float]:
         """Each batching peer at each of its batch-wait values, fashion at max depth, pinned, c=32: its best
         throughput (then lowest p99) is the configuration every later run uses."""
-        pngs, _ = load_pngs(_data_dir(), 1000)
+        folder = _deepest(repo, FASHION)
         best = {}
         for peer in peers:
             best[peer.name] = peer.default_delay_ms
             tried = []
             for delay in peer.delays_ms:
-                folder = _deepest(repo, FASHION)
                 with peer_served(peer, folder, PINNED["server"], delay) as server, pinned(PINNED["client"]):
                     row = measure(Target(server.url, "4", wire=peer.wire), pngs, concurrency=32,
                                   duration_s=self.plan.duration_s, warmup_s=self.plan.warmup_s)  # fmt: skip
@@ -169,9 +171,9 @@ class Bench:
 
     # -- the overhead-bound workload -----------------------------------------------------------------
 
-    def fashion(self, peers: list[Peer], delays: dict[str, float], repo: Path, data: Path) -> None:
-        pngs, _ = load_pngs(data, 1000)
+    def fashion(self, peers: list[Peer], delays: dict[str, float], repo: Path, pngs: list[bytes]) -> None:
         max_depth = max(load_models(repo)[FASHION].depths)
+        folder = depth_folder(repo, FASHION, max_depth)
         for placement in self.plan.placements:
             for round_ in range(1, (self.plan.rounds if placement == "pinned" else 1) + 1):
                 # Later rounds repeat only the headline cells, servers in a rotated order.
@@ -183,7 +185,7 @@ class Bench:
                     if peer is None:
                         self.srvit_cells(repo, pngs, placement, tag, cells, max_depth, full=round_ == 1)
                     else:
-                        self.peer_cells(peer, delays[peer.name], _deepest(repo, FASHION), pngs, placement, tag,
+                        self.peer_cells(peer, delays[peer.name], folder, pngs, placement, tag,
                                         cells, max_depth, overload=round_ == 1, wrk=round_ == 1)  # fmt: skip
                     self.save()
 
@@ -285,7 +287,7 @@ class Bench:
         self.save()
         for peer in peers:
             for depth in depths:
-                folder = repo / f"{SMALL}_d{depth}"
+                folder = depth_folder(repo, SMALL, depth)
                 with (
                     peer_served(peer, folder, PINNED["server"], delays[peer.name], SMALL_CONCURRENCY) as server,
                     pinned(PINNED["client"]),
@@ -317,12 +319,6 @@ class Bench:
 def srvit_env() -> dict[str, str]:
     """srvit as the README runs it, with the latency target its `auto` example sets."""
     return {"SRVIT_LATENCY_TARGET_MS": f"{LATENCY_TARGET_MS:g}"}
-
-
-def report_version() -> str:
-    from bench.report import _git_commit
-
-    return _git_commit() or "unknown"
 
 
 @contextmanager
@@ -370,13 +366,7 @@ def _cpus(placement: str) -> dict[str, set[int] | None]:
 
 
 def _deepest(repo: Path, model: str) -> Path:
-    return Path(repo) / f"{model}_d{max(load_models(repo)[model].depths)}"
-
-
-def _data_dir() -> Path:
-    from modelrepo.idx import FASHION_MNIST_DIR
-
-    return FASHION_MNIST_DIR
+    return depth_folder(repo, model, max(load_models(repo)[model].depths))
 
 
 # -- workloads ---------------------------------------------------------------------------------------

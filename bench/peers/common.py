@@ -66,7 +66,8 @@ class Classifier:
 
 def session_options() -> ort.SessionOptions:
     """srvit's CPU session settings (service/runtime.session_options with its defaults): ONNX Runtime's own thread
-    count for the cores the process may use, no spinning, one graph at a time, every graph optimization."""
+    count for the cores the process may use, no spinning, one graph at a time, every graph optimization. Written out
+    here because service.runtime imports onnx (through service.repository), which the peers' venvs do not hold."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 0
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
